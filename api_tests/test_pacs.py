@@ -1,0 +1,204 @@
+"""PACS integration: pull from and push back to a real Orthanc over DICOMweb, and Orthanc pushing a study
+to the service's STOW-RS receiver; plus the receiver's HTTP answers for bad requests."""
+
+from __future__ import annotations
+
+from io import BytesIO
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from dicomweb_client import DICOMwebClient
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from api_tests.orthanc import Orthanc, Receiver, free_port, missing_orthanc
+from service.config import get_settings
+from service.dicom_seg import read_dicom_seg, write_dicom_seg
+from service.dicomweb import DicomWebError, fetch_study, incoming_study_series, push_instances, router
+
+SERIES_DIR = Path(__file__).resolve().parents[1].parent / "shared/data/dicom/prostate3t_t2/Prostate3T-03-0001"
+BOUNDARY = "ttaseg-test-boundary"
+
+needs_series = pytest.mark.skipif(not SERIES_DIR.is_dir(), reason=f"test series missing: {SERIES_DIR}")
+needs_orthanc = pytest.mark.skipif(missing_orthanc() is not None, reason=missing_orthanc() or "")
+
+
+def read_series(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    return reader.Execute()
+
+
+def stow_body(parts: list[bytes]) -> bytes:
+    body = b"".join(
+        b"--" + BOUNDARY.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n"
+        for part in parts
+    )
+    return body + b"--" + BOUNDARY.encode() + b"--\r\n"
+
+
+STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory):
+    """Orthanc holding the test series, and the service's receiver registered in Orthanc as ``ttaseg``."""
+    if missing_orthanc():
+        pytest.skip(missing_orthanc())
+    if not SERIES_DIR.is_dir():
+        pytest.skip(f"test series missing: {SERIES_DIR}")
+    workdir = tmp_path_factory.mktemp("pacs")
+    receiver_port = free_port()
+    servers = {"ttaseg": f"http://127.0.0.1:{receiver_port}/dicomweb/"}
+    with (
+        Orthanc(workdir / "orthanc", servers) as orthanc,
+        Receiver(workdir / "receiver", receiver_port) as receiver,
+    ):
+        answers = orthanc.upload(sorted(SERIES_DIR.glob("*.dcm")))
+        study_uid = str(
+            pydicom.dcmread(next(SERIES_DIR.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
+        )
+        yield orthanc, receiver, study_uid, answers[0]["ParentStudy"]
+
+
+@pytest.fixture
+def dicomweb_env(pacs, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TTASEG_DICOMWEB_URL", pacs[0].dicomweb_url)
+
+
+@needs_orthanc
+@needs_series
+def test_fetch_study_pulls_the_series_on_the_same_grid(pacs, dicomweb_env, tmp_path: Path) -> None:
+    _, _, study_uid, _ = pacs
+    folders = fetch_study(study_uid, tmp_path)
+    source = read_series(SERIES_DIR)
+    assert len(folders) == 1
+    assert len(list(folders[0].glob("*.dcm"))) == len(list(SERIES_DIR.glob("*.dcm")))
+    pulled = read_series(folders[0])
+    assert pulled.GetSize() == source.GetSize()
+    assert np.allclose(pulled.GetSpacing(), source.GetSpacing())
+    assert np.allclose(pulled.GetOrigin(), source.GetOrigin())
+    assert np.allclose(pulled.GetDirection(), source.GetDirection())
+    assert np.array_equal(sitk.GetArrayViewFromImage(pulled), sitk.GetArrayViewFromImage(source))
+
+
+@needs_orthanc
+@needs_series
+def test_fetch_study_errors(pacs, dicomweb_env, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    with pytest.raises(DicomWebError, match="not found") as unknown:
+        fetch_study("1.2.3.4.5", tmp_path)
+    assert unknown.value.status_code == 404
+    monkeypatch.setenv("TTASEG_DICOMWEB_URL", f"http://127.0.0.1:{free_port()}/dicom-web")
+    with pytest.raises(DicomWebError, match="cannot be reached") as unreachable:
+        fetch_study(pacs[2], tmp_path)
+    assert unreachable.value.status_code == 503
+
+
+@needs_orthanc
+@needs_series
+def test_seg_pushed_back_to_orthanc_references_and_decodes(pacs, dicomweb_env, tmp_path: Path) -> None:
+    orthanc, _, study_uid, _ = pacs
+    series_dir = fetch_study(study_uid, tmp_path / "pulled")[0]
+    image = read_series(series_dir)
+    expected = np.zeros(sitk.GetArrayViewFromImage(image).shape, dtype=np.uint8)
+    expected[4:12, 150:230, 160:240] = 1
+    expected[8:10, 100:120, 100:130] = 2
+    label = sitk.GetImageFromArray(expected)
+    label.CopyInformation(image)
+    sitk.WriteImage(label, str(tmp_path / "label.nii.gz"))
+    seg_path = write_dicom_seg(
+        tmp_path / "label.nii.gz", series_dir, {1: "prostate", 2: "lesion"}, tmp_path / "seg.dcm"
+    )
+    push_instances([seg_path])
+
+    client = DICOMwebClient(orthanc.dicomweb_url)
+    found = client.search_for_series(study_instance_uid=study_uid, search_filters={"Modality": "SEG"})
+    assert len(found) == 1
+    seg_series = pydicom.Dataset.from_json(found[0]).SeriesInstanceUID
+    [instance] = client.search_for_instances(study_uid, seg_series)
+    sop_uid = pydicom.Dataset.from_json(instance).SOPInstanceUID
+    seg = client.retrieve_instance(study_uid, seg_series, sop_uid)
+    source_series = pydicom.dcmread(next(series_dir.glob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source_series
+    seg.save_as(tmp_path / "retrieved.dcm", enforce_file_format=True)
+    assert np.array_equal(read_dicom_seg(tmp_path / "retrieved.dcm", series_dir), expected)
+    # the SEG now in the study is not pulled as an image series
+    assert [f.name for f in fetch_study(study_uid, tmp_path / "again")] == [source_series]
+
+
+@needs_orthanc
+@needs_series
+def test_orthanc_pushes_the_study_to_the_service(pacs) -> None:
+    orthanc, receiver, study_uid, orthanc_study = pacs
+    orthanc.post("/dicom-web/servers/ttaseg/stow", {"Resources": [orthanc_study]})
+    source_uids = {
+        str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in SERIES_DIR.glob("*.dcm")
+    }
+    series_uid = str(
+        pydicom.dcmread(next(SERIES_DIR.glob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID
+    )
+    series_dir = receiver.storage_dir / "incoming" / study_uid / series_uid
+    assert {f.stem for f in series_dir.glob("*.dcm")} == source_uids
+    status = httpx.get(f"{receiver.url}/dicomweb/studies/{study_uid}").json()
+    assert {"series_instance_uid": series_uid, "instances": len(source_uids)} in status["series"]
+
+
+@pytest.fixture
+def receiver_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """In-process receiver storing under tmp_path."""
+    monkeypatch.setenv("TTASEG_STORAGE_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    app = FastAPI()
+    app.include_router(router)
+    with TestClient(app) as client:
+        yield client
+    get_settings.cache_clear()
+
+
+@needs_series
+def test_receiver_stores_instances_and_reports_failures(receiver_client: TestClient) -> None:
+    files = sorted(SERIES_DIR.glob("*.dcm"))[:2]
+    response = receiver_client.post(
+        "/dicomweb/studies",
+        content=stow_body([f.read_bytes() for f in files]),
+        headers={"Content-Type": STOW_TYPE},
+    )
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/dicom+json"
+    answer = pydicom.Dataset.from_json(response.json())
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    assert {item.ReferencedSOPInstanceUID for item in answer.ReferencedSOPSequence} == {
+        str(ds.SOPInstanceUID) for ds in sources
+    }
+    [series] = incoming_study_series(str(sources[0].StudyInstanceUID))
+    assert sorted(f.stem for f in series.glob("*.dcm")) == sorted(str(ds.SOPInstanceUID) for ds in sources)
+
+    broken = pydicom.dcmread(files[0])
+    broken.SOPInstanceUID = "../../escape"
+    encoded = BytesIO()
+    broken.save_as(encoded, enforce_file_format=True)
+    body = stow_body([files[1].read_bytes(), encoded.getvalue()])
+    response = receiver_client.post("/dicomweb/studies", content=body, headers={"Content-Type": STOW_TYPE})
+    assert response.status_code == 202
+    answer = pydicom.Dataset.from_json(response.json())
+    assert len(answer.ReferencedSOPSequence) == 1
+    assert answer.FailedSOPSequence[0].FailureReason == 0xC000
+    assert not list(series.parents[2].rglob("*escape*"))
+
+
+def test_receiver_rejects_bad_requests(receiver_client: TestClient) -> None:
+    response = receiver_client.post(
+        "/dicomweb/studies", content=b"{}", headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 415
+    response = receiver_client.post(
+        "/dicomweb/studies", content=stow_body([b"not dicom"]), headers={"Content-Type": STOW_TYPE}
+    )
+    assert response.status_code == 400
+    assert "part 1" in response.json()["detail"]
+    assert receiver_client.get("/dicomweb/studies/1.2.3").status_code == 404
+    assert receiver_client.get("/dicomweb/studies/1.2.x").status_code == 400

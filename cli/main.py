@@ -1,0 +1,169 @@
+"""``ttaseg``: train source models, adapt them to a batch of target scans at test time, segment, evaluate."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_show_locals=False)
+console = Console(stderr=True)
+
+
+class Method(str, Enum):
+    none = "none"
+    norm = "norm"
+    tent = "tent"
+    mpl = "mpl"
+
+
+def _labels_file(path: Path) -> dict[int, str]:
+    return {int(k): v for k, v in json.loads(path.read_text()).items()}
+
+
+@app.command()
+def segment(
+    inputs: Annotated[list[Path], typer.Argument(help="NIfTI/NRRD/MHA files or DICOM series folders: one batch")],
+    model: Annotated[str, typer.Option(help="bundle name[:version] or bundle folder")] = "cardiac-bssfp",
+    adapt: Annotated[Method, typer.Option(help="test-time adaptation method")] = Method.mpl,
+    steps: Annotated[int | None, typer.Option(help="adaptation steps (default: the method's)")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    out: Annotated[Path, typer.Option(help="output folder: <case>.nii.gz and <case>.json")] = Path("out"),
+    save_adapted: Annotated[Path | None, typer.Option(help="also save the adapted model as a bundle here")] = None,
+    uncertainty: Annotated[bool, typer.Option(help="also write <case>_uncertainty.nii.gz")] = False,
+) -> None:
+    """Adapt the model to all INPUTS together (without labels), then segment each onto its own grid."""
+    from models.bundle import BundleError, resolve_bundle
+    from models.io import InputError
+    from models.pipeline import segment_batch
+
+    try:
+        bundle = resolve_bundle(model)
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                      TimeElapsedColumn(), console=console) as bar:
+            tasks = {p: bar.add_task(p, total=100) for p in ("adapting", "segmenting")}
+            results = segment_batch(
+                inputs, bundle, out, adapt.value, steps, device,
+                progress=lambda phase, pct: bar.update(tasks[phase], completed=pct),
+                save_adapted=save_adapted, uncertainty=uncertainty,
+            )
+    except (InputError, BundleError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    table = Table("case", "fallback", "seconds", *next(iter(results)).volumes_ml.keys(), title=f"{bundle.ref} / {adapt.value}")
+    for r in results:
+        table.add_row(r.case, r.fallback_reason or "no", f"{r.seconds:.1f}", *(f"{v:.1f} mL" for v in r.volumes_ml.values()))
+    Console().print(table)
+
+
+@app.command()
+def evaluate(
+    pred: Annotated[Path, typer.Option(help="folder of predicted label maps")],
+    labels: Annotated[Path, typer.Option(help="folder of reference label maps, matched by case name")],
+    label_names: Annotated[Path | None, typer.Option(help="labels.json; default: the model card's")] = None,
+    model: Annotated[str, typer.Option(help="bundle whose label names to use")] = "cardiac-bssfp",
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the metrics as JSON here")] = None,
+) -> None:
+    """Dice, HD95 and ASSD per structure and their means (MONAI metrics)."""
+    from models.bundle import resolve_bundle
+    from models.evaluation import evaluate_folders
+
+    names = _labels_file(label_names) if label_names else resolve_bundle(model).card.labels
+    result = evaluate_folders(pred, labels, names)
+    table = Table("case", *(n for k, n in sorted(names.items()) if k), "mean Dice", title="Dice")
+    for case, m in result["cases"].items():
+        dices = [m[s]["dice"] for s in m]
+        table.add_row(case, *(f"{d:.3f}" for d in dices), f"{sum(dices) / len(dices):.3f}")
+    Console().print(table)
+    summary = Table("structure", "Dice", "HD95 (mm)", "ASSD (mm)", title="mean over cases")
+    for s, m in result["mean"].items():
+        summary.add_row(s, f"{m['dice']:.3f}", f"{m['hd95']:.2f}", f"{m['assd']:.2f}")
+    Console().print(summary)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+
+
+@app.command()
+def train(
+    images: Annotated[Path, typer.Option(help="folder of source images, or a CSV with image,label columns")],
+    labels: Annotated[Path | None, typer.Option(help="folder of label maps named like the images")] = None,
+    label_names: Annotated[Path, typer.Option(help="labels.json mapping label values to names")] = Path(
+        "labels.json"
+    ),
+    name: Annotated[str, typer.Option(help="bundle name")] = "source",
+    out: Annotated[Path, typer.Option(help="bundle folder to write")] = Path("bundles/source"),
+    work: Annotated[Path, typer.Option(help="checkpoints and history; training resumes from here")] = Path(
+        "runs/train"
+    ),
+    steps: Annotated[int, typer.Option(help="training steps")] = 1000,
+    val_cases: Annotated[int, typer.Option(help="last N cases (by name) held out for validation")] = 5,
+    pretrained: Annotated[Path | None, typer.Option(help="MAE weights from `ttaseg pretrain`")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Supervised source training with augmentation; keeps the best validation Dice; writes a bundle."""
+    from trainer.data import labelled_pairs, load_case
+    from trainer.train import TrainConfig, train_source
+
+    cfg = TrainConfig(steps=steps, seed=seed)
+    names = _labels_file(label_names)
+    pairs = labelled_pairs(images, labels)
+    cases = [load_case(i, lab, cfg.target_spacing, cfg.normalisation, len(names)) for i, lab in pairs]
+    train_cases, held = (cases[:-val_cases], cases[-val_cases:]) if val_cases else (cases, [])
+    bundle = train_source(
+        train_cases, held, names, work, out, name, cfg, pretrained,
+        {"images": str(images), "labels": str(labels) if labels else None},
+    )
+    console.print(f"wrote {bundle} validation Dice {bundle.card.validation.get('dice_mean'):.3f}")
+
+
+@app.command()
+def pretrain(
+    folders: Annotated[list[Path], typer.Argument(help="folders of unlabelled scans (any domain allowed)")],
+    work: Annotated[Path, typer.Option(help="where mae.pt is written")] = Path("runs/mae"),
+    steps: Annotated[int, typer.Option(help="pretraining steps")] = 500,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """3D masked-autoencoder pretraining (masked blocks of the local patch and the global view)."""
+    from trainer.data import image_files, load_case
+    from trainer.train import TrainConfig, pretrain_mae
+
+    cfg = TrainConfig(steps=steps, seed=seed)
+    cases = [load_case(f, None, cfg.target_spacing, cfg.normalisation) for d in folders for f in image_files(d)]
+    console.print(f"wrote {pretrain_mae(cases, work, cfg)}")
+
+
+@app.command()
+def export(
+    weights: Annotated[Path, typer.Argument(help="state dict (.pt) from training")],
+    card: Annotated[Path, typer.Option(help="model card JSON to complete")],
+    out: Annotated[Path, typer.Option(help="bundle folder to write")],
+) -> None:
+    """Package weights + model card as a bundle (weights, ONNX export, checksums)."""
+    import torch
+
+    from models.bundle import ModelCard, save_bundle
+    from models.network import GlobalLocalUNet
+
+    model_card = ModelCard.model_validate_json(card.read_text())
+    net = GlobalLocalUNet(model_card.network)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    net.load_state_dict(state.get("net", state))
+    console.print(f"wrote {save_bundle(net, model_card, out)}")
+
+
+@app.command("models")
+def list_models() -> None:
+    """List the bundles that `--model NAME` resolves."""
+    from models.bundle import list_bundles
+
+    table = Table("model", "modality", "labels", "validation Dice", "path")
+    for b in list_bundles():
+        table.add_row(b.ref, b.card.modality, ", ".join(b.card.labels.values()),
+                      f"{b.card.validation.get('dice_mean', float('nan')):.3f}", str(b.path))
+    Console().print(table)

@@ -1,0 +1,245 @@
+"""Label-free test-time adaptation of a source network to a batch of target scans.
+
+Methods, chosen by name:
+- ``none``: the source network as it is.
+- ``norm``: batch-norm statistics re-estimated on the target batch.
+- ``tent``: entropy minimisation on the batch-norm affine parameters (Wang et al., ICLR 2021).
+- ``mpl``: masked pseudo-labelling (MAPSeg, CVPR 2024): an EMA teacher labels unmasked global-local views, a
+  student learns to reproduce those labels from masked and unmasked views, with the global auxiliary head and a
+  local-global cosine term; the teacher follows the student by EMA and is the adapted model.
+None of them ever sees a label.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel
+from torch import nn
+
+from models.network import GlobalLocalUNet, cosine_consistency
+from models.sampling import block_mask, make_views
+
+METHODS = ("none", "norm", "tent", "mpl")
+Progress = Callable[[float], None]
+
+
+class AdaptConfig(BaseModel):
+    """Hyper-parameters of test-time adaptation; the defaults are the shipped settings."""
+
+    steps: int = 40
+    batch_size: int = 2
+    lr: float = 1e-4
+    tent_lr: float = 1e-3
+    ema: float = 0.95
+    mask_ratio: float = 0.7
+    mask_block: tuple[int, int, int] = (2, 16, 16)
+    confidence: float = 0.8
+    global_weight: float = 0.5
+    cosine_weight: float = 0.1
+    norm_batches: int = 12
+    min_steps: int = 20
+    settle_window: int = 10
+    settle_tolerance: float = 0.02
+    seed: int = 0
+
+
+@dataclass
+class AdaptResult:
+    """The adapted network and the label-free signals recorded while adapting."""
+
+    net: GlobalLocalUNet
+    method: str
+    steps_run: int = 0
+    seconds: float = 0.0
+    stopped_early: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _batchnorms(net: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _device(net: nn.Module) -> torch.device:
+    return next(net.parameters()).device
+
+
+@torch.no_grad()
+def reestimate_norm_statistics(
+    net: GlobalLocalUNet, volumes: Sequence[np.ndarray], patch: Sequence[int], cfg: AdaptConfig
+) -> None:
+    """Replace batch-norm running statistics by their average over views of the target volumes."""
+    bns = _batchnorms(net)
+    if not bns:
+        return
+    rng = np.random.default_rng(cfg.seed)
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average
+    net.train()
+    dev = _device(net)
+    for _ in range(max(cfg.norm_batches, len(volumes))):
+        idx = rng.choice(len(volumes), size=min(cfg.batch_size, len(volumes)), replace=False)
+        v = make_views([volumes[i] for i in idx], patch, rng)
+        net(v.local.to(dev), v.global_view.to(dev), v.box.to(dev))
+    for bn in bns:
+        bn.momentum = 0.1
+    net.eval()
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    p = torch.softmax(logits, 1)
+    return -(p * torch.log(p.clamp_min(1e-8))).sum(1)
+
+
+def _tent(
+    net: GlobalLocalUNet, volumes: Sequence[np.ndarray], patch, cfg: AdaptConfig, steps: int, progress: Progress
+) -> AdaptResult:
+    reestimate_norm_statistics(net, volumes, patch, cfg)
+    params = [p for bn in _batchnorms(net) for p in (bn.weight, bn.bias) if p is not None]
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=cfg.tent_lr)
+    rng = np.random.default_rng(cfg.seed)
+    dev = _device(net)
+    result = AdaptResult(net=net, method="tent")
+    net.train()
+    for step in range(steps):
+        idx = rng.choice(len(volumes), size=min(cfg.batch_size, len(volumes)), replace=False)
+        v = make_views([volumes[i] for i in idx], patch, rng)
+        out = net(v.local.to(dev), v.global_view.to(dev), v.box.to(dev))
+        loss = _entropy(out.local_logits).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        result.history.append({"step": step, "entropy": float(loss)})
+        result.steps_run = step + 1
+        progress(100.0 * (step + 1) / steps)
+    for p in net.parameters():
+        p.requires_grad_(True)
+    net.eval()
+    return result
+
+
+def _weighted_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    ce = F.cross_entropy(logits, target, reduction="none")
+    return (ce * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+@torch.no_grad()
+def _ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    for t, s in zip(teacher.state_dict().values(), student.state_dict().values(), strict=True):
+        if t.dtype.is_floating_point:
+            t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+        else:
+            t.copy_(s)
+
+
+def _settled(history: list[dict[str, float]], cfg: AdaptConfig) -> bool:
+    if len(history) < max(cfg.min_steps, 2 * cfg.settle_window):
+        return False
+    losses = [h["loss"] for h in history]
+    recent = float(np.mean(losses[-cfg.settle_window :]))
+    before = float(np.mean(losses[-2 * cfg.settle_window : -cfg.settle_window]))
+    return abs(before - recent) <= cfg.settle_tolerance * max(before, 1e-8)
+
+
+def _mpl(
+    net: GlobalLocalUNet, volumes: Sequence[np.ndarray], patch, cfg: AdaptConfig, steps: int, progress: Progress
+) -> AdaptResult:
+    reestimate_norm_statistics(net, volumes, patch, cfg)
+    student = net
+    teacher = copy.deepcopy(net).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    # normalisation statistics stay those of the target batch: the masked views must not shift them
+    student.eval()
+    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    dev = _device(student)
+    result = AdaptResult(net=teacher, method="mpl")
+    for step in range(steps):
+        idx = rng.choice(len(volumes), size=min(cfg.batch_size, len(volumes)), replace=False)
+        v = make_views([volumes[i] for i in idx], patch, rng)
+        local, gview, box = v.local.to(dev), v.global_view.to(dev), v.box.to(dev)
+        with torch.no_grad():
+            t_out = teacher(local, gview, box)
+            t_local, t_global = torch.softmax(t_out.local_logits, 1), torch.softmax(t_out.global_logits, 1)
+            conf_l, pseudo_l = t_local.max(1)
+            conf_g, pseudo_g = t_global.max(1)
+            w_l, w_g = (conf_l >= cfg.confidence).float(), (conf_g >= cfg.confidence).float()
+        mask_l = block_mask(local.shape, cfg.mask_block, cfg.mask_ratio, gen).to(dev)
+        mask_g = block_mask(gview.shape, cfg.mask_block, cfg.mask_ratio, gen).to(dev)
+        loss = torch.zeros((), device=dev)
+        agreement = 0.0
+        for masked, (loc_in, glob_in) in ((True, (local * mask_l, gview * mask_g)), (False, (local, gview))):
+            s_out = student(loc_in, glob_in, box)
+            loss = loss + _weighted_ce(s_out.local_logits, pseudo_l, w_l)
+            loss = loss + cfg.global_weight * _weighted_ce(s_out.global_logits, pseudo_g, w_g)
+            loss = loss + cfg.cosine_weight * cosine_consistency(s_out.local_features, s_out.global_context)
+            if not masked:
+                agreement = float((s_out.local_logits.argmax(1) == pseudo_l).float().mean())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _ema_update(teacher, student, cfg.ema)
+        result.history.append(
+            {
+                "step": step,
+                "loss": float(loss),
+                "agreement": agreement,
+                "teacher_entropy": float(_entropy(t_out.local_logits).mean()),
+                "confident_fraction": float(w_l.mean()),
+            }
+        )
+        result.steps_run = step + 1
+        progress(100.0 * (step + 1) / steps)
+        if _settled(result.history, cfg):
+            result.stopped_early = True
+            progress(100.0)
+            break
+    teacher.eval()
+    return result
+
+
+def adapt(
+    net: GlobalLocalUNet,
+    volumes: Sequence[np.ndarray],
+    patch: Sequence[int],
+    method: str = "mpl",
+    steps: int | None = None,
+    cfg: AdaptConfig | None = None,
+    progress: Progress | None = None,
+) -> AdaptResult:
+    """Adapt a copy of ``net`` to the normalised target ``volumes`` (model grid, (z, y, x)) without labels."""
+    if method not in METHODS:
+        raise ValueError(f"unknown adaptation method {method!r}; choose one of {', '.join(METHODS)}")
+    cfg = cfg or AdaptConfig()
+    steps = cfg.steps if steps is None else steps
+    if steps < 0:
+        raise ValueError("steps must be >= 0")
+    progress = progress or (lambda pct: None)
+    torch.manual_seed(cfg.seed)
+    work = copy.deepcopy(net)
+    start = time.perf_counter()
+    if method == "none":
+        result = AdaptResult(net=work.eval(), method=method)
+    elif method == "norm":
+        reestimate_norm_statistics(work, volumes, patch, cfg)
+        result = AdaptResult(net=work, method=method)
+    elif method == "tent":
+        result = _tent(work, volumes, patch, cfg, steps, progress)
+    else:
+        result = _mpl(work, volumes, patch, cfg, steps, progress)
+    progress(100.0)
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,194 @@
+"""Checkpoint bundle: the one contract between the trainer, the workers and the service.
+
+A bundle is a directory holding ``weights.pt`` (a state dict), ``model.onnx`` (the local predictor, opset >= 17)
+and ``model_card.json``. Loading verifies the card's schema and both checksums.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field, ValidationError
+
+from models.network import GlobalLocalUNet, LocalPredictor, NetworkConfig, count_parameters, flops_per_patch
+from models.preprocessing import Normalisation
+
+CARD_FILE, WEIGHTS_FILE, ONNX_FILE = "model_card.json", "weights.pt", "model.onnx"
+ONNX_OPSET = 18
+REPO_BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+
+
+class BundleError(ValueError):
+    """A bundle that is missing, unknown, corrupt or inconsistent with its card."""
+
+
+class ModelCard(BaseModel):
+    """What a checkpoint is, how to feed it, and how good it was on validation data."""
+
+    schema_version: int = 1
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    version: str = "1"
+    description: str = ""
+    labels: dict[int, str]
+    modality: str = "MR"
+    target_spacing: tuple[float, float, float] = Field(description="x, y, z in mm")
+    patch_size: tuple[int, int, int] = Field(description="z, y, x in voxels")
+    normalisation: Normalisation = Normalisation()
+    network: NetworkConfig = NetworkConfig()
+    parameters: int = 0
+    flops_per_patch: int = 0
+    training: dict[str, Any] = {}
+    validation: dict[str, Any] = {}
+    weights_sha256: str = ""
+    onnx_sha256: str = ""
+    onnx_opset: int = ONNX_OPSET
+    created_at: str = ""
+    parent: dict[str, Any] | None = None
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Bundle:
+    """A verified checkpoint bundle on disk."""
+
+    def __init__(self, path: Path, card: ModelCard) -> None:
+        self.path = path
+        self.card = card
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / ONNX_FILE
+
+    @property
+    def ref(self) -> str:
+        """``name:version``, the name users and the service pass around."""
+        return f"{self.card.name}:{self.card.version}"
+
+    def load_network(self, device: str | torch.device = "cpu") -> GlobalLocalUNet:
+        """The network with the bundle's weights, in eval mode."""
+        net = GlobalLocalUNet(self.card.network)
+        state = torch.load(self.path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+        return net.to(device).eval()
+
+    def __repr__(self) -> str:
+        return f"Bundle({self.ref} at {self.path})"
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Load and verify a bundle directory."""
+    path = Path(path)
+    card_path = path / CARD_FILE
+    if not card_path.is_file():
+        raise BundleError(f"{path}: not a bundle (no {CARD_FILE})")
+    try:
+        card = ModelCard.model_validate_json(card_path.read_text())
+    except ValidationError as exc:
+        raise BundleError(f"{card_path}: invalid model card: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}")
+    for fname, expected in ((WEIGHTS_FILE, card.weights_sha256), (ONNX_FILE, card.onnx_sha256)):
+        f = path / fname
+        if not f.is_file():
+            raise BundleError(f"{path}: missing {fname}")
+        if sha256_file(f) != expected:
+            raise BundleError(f"{f}: checksum does not match the model card (corrupt or modified file)")
+    return Bundle(path, card)
+
+
+def bundles_root(root: str | Path | None = None) -> Path:
+    """Folder searched for bundles by name: ``root``, else $TTASEG_BUNDLES, else the repository's ``bundles/``."""
+    return Path(root or os.environ.get("TTASEG_BUNDLES") or REPO_BUNDLES)
+
+
+def list_bundles(root: str | Path | None = None) -> list[Bundle]:
+    """All valid bundles under the root (sub-folders holding a model card), sorted by name and version."""
+    base = bundles_root(root)
+    found = []
+    for card in sorted(base.glob(f"**/{CARD_FILE}")) if base.is_dir() else []:
+        try:
+            found.append(load_bundle(card.parent))
+        except BundleError:
+            continue
+    return sorted(found, key=lambda b: (b.card.name, b.card.version))
+
+
+def resolve_bundle(spec: str | Path, root: str | Path | None = None) -> Bundle:
+    """A bundle by path, or by ``name`` / ``name:version`` (newest version when none is given)."""
+    if Path(spec).is_dir():
+        return load_bundle(spec)
+    name, _, version = str(spec).partition(":")
+    matches = [b for b in list_bundles(root) if b.card.name == name and (not version or b.card.version == version)]
+    if not matches:
+        known = ", ".join(sorted({b.ref for b in list_bundles(root)})) or "none"
+        raise BundleError(f"unknown model {spec!r}; available: {known}")
+    return max(matches, key=lambda b: _version_key(b.card.version))
+
+
+def _version_key(version: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in version.replace("-", ".").split("."))
+
+
+def export_onnx(net: GlobalLocalUNet, patch: tuple[int, int, int], path: Path) -> Path:
+    """Export the local predictor (inputs: local patch, global view, box) to ONNX with a dynamic batch."""
+    was_training = net.training
+    model = LocalPredictor(net).cpu().eval()
+    x = torch.zeros(1, net.config.in_channels, *patch)
+    box = torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0, 1.0]])
+    torch.onnx.export(
+        model,
+        (x, x, box),
+        str(path),
+        input_names=["local", "global_view", "box"],
+        output_names=["logits"],
+        dynamic_axes={"local": {0: "batch"}, "global_view": {0: "batch"}, "box": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=ONNX_OPSET,
+        dynamo=False,
+    )
+    net.train(was_training)
+    return path
+
+
+def save_bundle(net: GlobalLocalUNet, card: ModelCard, out_dir: str | Path) -> Bundle:
+    """Write weights, ONNX export and the completed card atomically into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    net = copy.deepcopy(net).cpu().eval()
+    try:
+        state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        torch.save(state, tmp / WEIGHTS_FILE)
+        export_onnx(net, card.patch_size, tmp / ONNX_FILE)
+        card = card.model_copy(
+            update={
+                "network": net.config,
+                "parameters": count_parameters(net),
+                "flops_per_patch": flops_per_patch(net.cpu(), card.patch_size),
+                "weights_sha256": sha256_file(tmp / WEIGHTS_FILE),
+                "onnx_sha256": sha256_file(tmp / ONNX_FILE),
+                "onnx_opset": ONNX_OPSET,
+                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+        )
+        (tmp / CARD_FILE).write_text(json.dumps(card.model_dump(mode="json"), indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_bundle(out_dir)

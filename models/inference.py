@@ -1,0 +1,74 @@
+"""Sliding-window segmentation (MONAI) with global context, through ONNX Runtime or PyTorch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from models.network import GlobalLocalUNet
+from models.preprocessing import box_of, global_view, pad_to_patch
+
+Predictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+OVERLAP = 0.25
+
+
+def onnx_session(path: str | Path, device: str = "cpu"):
+    """An ONNX Runtime session on CUDA when asked for and available, else on the CPU."""
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+
+
+def onnx_predictor(session) -> Predictor:
+    """Wrap an ONNX Runtime session as a (local, global_view, box) -> logits callable."""
+
+    def predict(local: torch.Tensor, gview: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+        feeds = {
+            "local": local.cpu().numpy().astype(np.float32),
+            "global_view": gview.cpu().numpy().astype(np.float32),
+            "box": box.cpu().numpy().astype(np.float32),
+        }
+        return torch.from_numpy(session.run(["logits"], feeds)[0])
+
+    return predict
+
+
+def torch_predictor(net: GlobalLocalUNet) -> Predictor:
+    """Wrap an eager network as a (local, global_view, box) -> logits callable."""
+    device = next(net.parameters()).device
+
+    @torch.no_grad()
+    def predict(local: torch.Tensor, gview: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+        return net(local.to(device), gview.to(device), box.to(device)).local_logits.float().cpu()
+
+    return predict
+
+
+def predict_volume(
+    array: np.ndarray, predict: Predictor, patch: Sequence[int], overlap: float = OVERLAP
+) -> np.ndarray:
+    """Class probabilities (C, z, y, x) for a normalised volume on the model grid."""
+    padded, crop = pad_to_patch(array, patch)
+    volume = torch.from_numpy(np.ascontiguousarray(padded))[None, None]
+    gview = global_view(volume, patch)
+    shape = padded.shape
+
+    def window(local: torch.Tensor, slices: Sequence[Sequence[slice]]) -> torch.Tensor:
+        boxes = torch.stack([box_of([s.start for s in sl[-3:]], patch, shape) for sl in slices])
+        return predict(local, gview.expand(local.shape[0], -1, -1, -1, -1), boxes)
+
+    with torch.no_grad():
+        logits = sliding_window_inference(
+            volume, tuple(patch), 1, window, overlap=overlap, mode="gaussian", with_coord=True
+        )
+    probs = torch.softmax(logits, dim=1)[0].numpy()
+    return probs[(slice(None), *crop)]

@@ -1,0 +1,189 @@
+"""Adapt a bundle to a batch of scans and segment every scan: the one entry point of the CLI and the workers."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from models.adaptation import AdaptConfig, AdaptResult, adapt
+from models.bundle import Bundle, export_onnx, save_bundle
+from models.guard import GuardConfig, dice_agreement, implausible_change, structure_volumes
+from models.inference import onnx_predictor, onnx_session, predict_volume
+from models.io import case_name, read_image, write_image
+from models.preprocessing import PreparedScan, label_image, prepare, probabilities_to_original
+
+ProgressCallback = Callable[[str, float], None]
+
+
+@dataclass
+class ScanResult:
+    """Where one scan's outputs were written, and what the guard and the quality signals say."""
+
+    case: str
+    label_path: Path
+    json_path: Path
+    volumes_ml: dict[str, float]
+    quality: dict[str, float]
+    fallback: bool
+    fallback_reason: str | None
+    seconds: float
+
+
+def resolve_device(device: str) -> str:
+    """``cuda`` when asked for and present, else ``cpu``."""
+    return "cuda" if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
+
+
+def load_scans(inputs: Sequence[str | Path], bundle: Bundle, case_names: Sequence[str] | None) -> list[PreparedScan]:
+    """Read, validate and prepare every input; case names must be unique."""
+    names = list(case_names) if case_names else [case_name(p) for p in inputs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"case names must be unique, got {names}")
+    card = bundle.card
+    return [
+        prepare(read_image(p), n, card.target_spacing, card.normalisation) for p, n in zip(inputs, names, strict=True)
+    ]
+
+
+def _quality(probs: np.ndarray, labels: np.ndarray, source_labels: np.ndarray) -> dict[str, float]:
+    entropy = -(probs * np.log(np.clip(probs, 1e-8, None))).sum(0) / np.log(probs.shape[0])
+    fg = labels > 0
+    return {
+        "mean_entropy_foreground": round(float(entropy[fg].mean()) if fg.any() else 0.0, 4),
+        "mean_confidence_foreground": round(float(probs.max(0)[fg].mean()) if fg.any() else 0.0, 4),
+        "agreement_with_source": round(dice_agreement(labels, source_labels, probs.shape[0]), 4),
+    }
+
+
+def segment_batch(
+    inputs: Sequence[str | Path],
+    bundle: Bundle,
+    out_dir: str | Path,
+    method: str = "mpl",
+    steps: int | None = None,
+    device: str = "cpu",
+    progress: ProgressCallback | None = None,
+    case_names: Sequence[str] | None = None,
+    save_adapted: str | Path | None = None,
+    adapt_config: AdaptConfig | None = None,
+    guard_config: GuardConfig | None = None,
+    uncertainty: bool = False,
+) -> list[ScanResult]:
+    """Adapt ``bundle`` to all ``inputs`` together, then segment each onto its own grid in ``out_dir``."""
+    progress = progress or (lambda phase, pct: None)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(device)
+    card = bundle.card
+    scans = load_scans(inputs, bundle, case_names)
+    patch = card.patch_size
+    source = onnx_predictor(onnx_session(bundle.onnx_path, device))
+
+    progress("adapting", 0.0)
+    adapted: AdaptResult | None = None
+    predictor = source
+    with tempfile.TemporaryDirectory() as tmp:
+        if method != "none":
+            net = bundle.load_network(device)
+            adapted = adapt(
+                net, [s.array for s in scans], patch, method, steps, adapt_config, lambda p: progress("adapting", p)
+            )
+            predictor = onnx_predictor(onnx_session(export_onnx(adapted.net, patch, Path(tmp) / "a.onnx"), device))
+            if save_adapted:
+                save_adapted_bundle(bundle, adapted, [s.case for s in scans], save_adapted)
+        progress("adapting", 100.0)
+
+        results = []
+        for i, scan in enumerate(scans):
+            start = time.perf_counter()
+            results.append(
+                _segment_one(scan, card.labels, patch, source, predictor if adapted else None, out_dir, guard_config,
+                             uncertainty, method, adapted)
+            )
+            results[-1].seconds = round(time.perf_counter() - start, 3)
+            _write_json(results[-1], bundle, method, adapted)
+            progress("segmenting", 100.0 * (i + 1) / len(scans))
+    return results
+
+
+def _segment_one(
+    scan: PreparedScan,
+    names: dict[int, str],
+    patch,
+    source,
+    adapted_predictor,
+    out_dir: Path,
+    guard_config: GuardConfig | None,
+    uncertainty: bool,
+    method: str,
+    adapted: AdaptResult | None,
+) -> ScanResult:
+    src_probs = probabilities_to_original(predict_volume(scan.array, source, patch), scan)
+    src_labels = src_probs.argmax(0).astype(np.uint8)
+    probs, labels = src_probs, src_labels
+    fallback_reason = None
+    if adapted_predictor is not None:
+        probs = probabilities_to_original(predict_volume(scan.array, adapted_predictor, patch), scan)
+        labels = probs.argmax(0).astype(np.uint8)
+        fallback_reason = implausible_change(
+            structure_volumes(src_labels, names, scan.voxel_ml),
+            structure_volumes(labels, names, scan.voxel_ml),
+            guard_config,
+        )
+        if fallback_reason:
+            probs, labels = src_probs, src_labels
+    quality = _quality(probs, labels, src_labels)
+    label_path = write_image(label_image(labels, scan.original), out_dir / f"{scan.case}.nii.gz")
+    if uncertainty:
+        ent = -(probs * np.log(np.clip(probs, 1e-8, None))).sum(0) / np.log(probs.shape[0])
+        img = sitk.GetImageFromArray(ent.astype(np.float32))
+        img.CopyInformation(scan.original)
+        write_image(img, out_dir / f"{scan.case}_uncertainty.nii.gz")
+    return ScanResult(
+        case=scan.case,
+        label_path=label_path,
+        json_path=out_dir / f"{scan.case}.json",
+        volumes_ml=structure_volumes(labels, names, scan.voxel_ml),
+        quality=quality,
+        fallback=fallback_reason is not None,
+        fallback_reason=fallback_reason,
+        seconds=0.0,
+    )
+
+
+def _write_json(result: ScanResult, bundle: Bundle, method: str, adapted: AdaptResult | None) -> None:
+    record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
+    record.update(
+        model=bundle.ref,
+        method=method,
+        steps_run=adapted.steps_run if adapted else 0,
+        adaptation_seconds=round(adapted.seconds, 3) if adapted else 0.0,
+        adaptation_stopped_early=adapted.stopped_early if adapted else False,
+        adaptation_signals=adapted.history[-1] if adapted and adapted.history else {},
+    )
+    result.json_path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def save_adapted_bundle(bundle: Bundle, adapted: AdaptResult, cases: Sequence[str], out_dir: str | Path) -> Bundle:
+    """Save the adapted network as a new bundle whose card names its parent and the batch."""
+    card = bundle.card
+    parent = {
+        "name": card.name,
+        "version": card.version,
+        "weights_sha256": card.weights_sha256,
+        "adaptation": adapted.method,
+        "steps_run": adapted.steps_run,
+        "batch": list(cases),
+    }
+    new_card = card.model_copy(
+        update={"version": f"{card.version}-{adapted.method}-{card.weights_sha256[:6]}", "parent": parent}
+    )
+    return save_bundle(adapted.net, new_card, out_dir)

@@ -1,0 +1,82 @@
+"""Global-local training views and 3D block masking, shared by the trainer and test-time adaptation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.preprocessing import box_of, global_view, pad_to_patch
+
+
+@dataclass
+class Views:
+    """A batch of local patches with their global views and boxes; labels when the volumes had them."""
+
+    local: torch.Tensor
+    global_view: torch.Tensor
+    box: torch.Tensor
+    local_labels: torch.Tensor | None = None
+    global_labels: torch.Tensor | None = None
+
+
+def patch_start(shape: Sequence[int], patch: Sequence[int], rng: np.random.Generator, centre=None) -> list[int]:
+    """Start of a patch inside ``shape``: around ``centre`` (z, y, x) when given, else uniformly random."""
+    starts = []
+    for i, (n, p) in enumerate(zip(shape, patch, strict=True)):
+        hi = n - p
+        if centre is None:
+            starts.append(int(rng.integers(0, hi + 1)))
+        else:
+            starts.append(int(np.clip(centre[i] - p // 2 + rng.integers(-p // 4, p // 4 + 1), 0, hi)))
+    return starts
+
+
+def make_views(
+    volumes: Sequence[np.ndarray],
+    patch: Sequence[int],
+    rng: np.random.Generator,
+    labels: Sequence[np.ndarray] | None = None,
+    foreground_prob: float = 0.0,
+) -> Views:
+    """One local patch + global view per volume; with labels, a patch is centred on foreground with some probability."""
+    locs, gviews, boxes, llabs, glabs = [], [], [], [], []
+    for i, vol in enumerate(volumes):
+        padded, _ = pad_to_patch(vol, patch)
+        centre = None
+        if labels is not None:
+            lab, _ = pad_to_patch(labels[i].astype(np.float32), patch)
+            fg = np.argwhere(lab > 0)
+            if len(fg) and rng.random() < foreground_prob:
+                centre = fg[rng.integers(len(fg))]
+        start = patch_start(padded.shape, patch, rng, centre)
+        sl = tuple(slice(s, s + p) for s, p in zip(start, patch, strict=True))
+        vt = torch.from_numpy(np.ascontiguousarray(padded))[None, None]
+        locs.append(vt[(0, slice(None), *sl)])
+        gviews.append(global_view(vt, patch)[0])
+        boxes.append(box_of(start, patch, padded.shape))
+        if labels is not None:
+            lt = torch.from_numpy(np.ascontiguousarray(lab))[None, None]
+            llabs.append(lt[(0, slice(None), *sl)].long())
+            glabs.append(F.interpolate(lt, size=tuple(patch), mode="nearest")[0].long())
+    return Views(
+        torch.stack(locs),
+        torch.stack(gviews),
+        torch.stack(boxes),
+        torch.stack(llabs) if llabs else None,
+        torch.stack(glabs) if glabs else None,
+    )
+
+
+def block_mask(
+    shape: Sequence[int], block: Sequence[int], ratio: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """A (B, 1, z, y, x) mask of ones with a ``ratio`` of 3D blocks set to zero (the masked part)."""
+    b, _, *spatial = shape
+    grid = [max(1, -(-n // k)) for n, k in zip(spatial, block, strict=True)]
+    keep = (torch.rand((b, 1, *grid), generator=generator) >= ratio).float()
+    up = keep.repeat_interleave(block[0], 2).repeat_interleave(block[1], 3).repeat_interleave(block[2], 4)
+    return up[:, :, : spatial[0], : spatial[1], : spatial[2]]

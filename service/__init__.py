@@ -1,0 +1,1 @@
+"""HTTP service of ttaseg: job submission, status, results and operations endpoints."""

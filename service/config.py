@@ -1,0 +1,129 @@
+"""Service settings, read from environment variables with the ``TTASEG_`` prefix (see docs/service.md)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_device() -> str:
+    """``cuda`` when a GPU is visible to torch, else ``cpu`` (torch imported only when asked)."""
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except Exception:  # pragma: no cover - torch missing or broken
+        return "cpu"
+
+
+class Settings(BaseSettings):
+    """All knobs of the API and the workers; every field maps to ``TTASEG_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="TTASEG_", extra="ignore")
+
+    data_dir: Path = Field(
+        Path("var"), description="Root for the default database, storage and broker folders."
+    )
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite file in data_dir.")
+    storage_dir: Path | None = Field(None, description="Local storage root; default data_dir/storage.")
+    broker_url: str = Field("filesystem://", description="Celery broker, e.g. redis://redis:6379/0.")
+    broker_dir: Path | None = Field(
+        None, description="Folder of the filesystem broker; default data_dir/broker."
+    )
+    broker_poll_interval: float = Field(0.5, gt=0, description="Polling interval (s) of filesystem/Redis.")
+    visibility_timeout: int = Field(
+        21600,
+        gt=0,
+        description="Seconds before Redis redelivers an unacknowledged job; above the longest job.",
+    )
+    redis_key_prefix: str = Field(
+        "", description="Prefix for broker keys in Redis (to share a Redis database)."
+    )
+    job_queue: str = Field("cpu", description="Queue the API sends jobs to (`cpu` or `gpu`).")
+    worker_queues: str | None = Field(
+        None, description="Queues a worker consumes; default `gpu` on CUDA else `cpu`."
+    )
+    worker_pool: Literal["prefork", "solo", "threads"] = Field(
+        "solo", description="Celery pool of a worker (`solo`: the job runs in the worker process)."
+    )
+    device: str | None = Field(
+        None, description="Torch device of a worker; default cuda if available else cpu."
+    )
+    bundles: Path | None = Field(
+        None, description="Bundle root (also read by the ML core); default repo bundles/."
+    )
+
+    api_keys: str = Field("", description="Comma-separated `client_id:sha256hex` pairs of accepted API keys.")
+    api_keys_file: Path | None = Field(None, description="File with one `client_id sha256hex` per line.")
+
+    max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="Largest request body accepted (413 above).")
+    max_unzipped_bytes: int = Field(8 * 1024**3, gt=0, description="Largest total size unpacked from zips.")
+    max_scans_per_job: int = Field(32, gt=0, description="Most scans in one job.")
+    max_voxels_per_scan: int = Field(512 * 512 * 512, gt=0, description="Most voxels in one scan.")
+    max_steps: int = Field(500, gt=0, description="Largest accepted `steps`.")
+    max_queued_jobs: int = Field(
+        0, ge=0, description="Queued jobs above which POST /v1/jobs answers 429; 0 = off."
+    )
+    retry_after_seconds: int = Field(30, gt=0, description="Retry-After sent with 429/503.")
+    domain_policy: Literal["reuse", "always-adapt"] = Field(
+        "reuse", description="`reuse`: a job with a domain reuses that domain's adapted bundle."
+    )
+
+    max_attempts: int = Field(
+        3, gt=0, description="Runs of a job (worker lost or internal error) before failing."
+    )
+    heartbeat_interval: float = Field(10.0, gt=0, description="Seconds between job/worker heartbeats.")
+    stale_after: float = Field(
+        120.0, gt=0, description="A running job without heartbeat this long is re-run."
+    )
+    recovery_interval: float = Field(
+        30.0, gt=0, description="Seconds between a worker's scans for lost jobs."
+    )
+    requeue_queued_after: float = Field(
+        900.0, gt=0, description="Queued jobs are re-sent to the broker after this."
+    )
+    log_level: str = Field("INFO", description="Log level of API and workers.")
+
+    @field_validator("job_queue")
+    @classmethod
+    def _queue_name(cls, value: str) -> str:
+        if not value or not value.replace("-", "").replace("_", "").isalnum():
+            raise ValueError("queue names are alphanumeric")
+        return value
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to a SQLite file in data_dir."""
+        return self.database_url or f"sqlite:///{(self.data_dir / 'ttaseg.db').resolve()}"
+
+    @property
+    def resolved_storage_dir(self) -> Path:
+        """The storage root, defaulting to data_dir/storage."""
+        return (self.storage_dir or self.data_dir / "storage").resolve()
+
+    @property
+    def resolved_broker_dir(self) -> Path:
+        """The filesystem broker folder, defaulting to data_dir/broker."""
+        return (self.broker_dir or self.data_dir / "broker").resolve()
+
+    @property
+    def resolved_device(self) -> str:
+        """The worker's torch device."""
+        return self.device or _default_device()
+
+    @property
+    def resolved_worker_queues(self) -> list[str]:
+        """Queues a worker consumes."""
+        if self.worker_queues:
+            return [q.strip() for q in self.worker_queues.split(",") if q.strip()]
+        return ["gpu"] if self.resolved_device.startswith("cuda") else ["cpu"]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Process-wide settings (cached; tests clear the cache after changing the environment)."""
+    return Settings()

@@ -1,0 +1,362 @@
+"""Runs one job: claim it, adapt and segment its scans with the ML core, store results, update the record."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from datetime import timedelta
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, or_, select, update
+
+from service.db import DomainBundle, Job, Scan, utcnow
+from service.jobs import enqueue
+from workers.context import Context, get_context
+
+log = logging.getLogger(__name__)
+
+
+class JobCancelled(Exception):
+    """The job was cancelled (or taken over) while running; stop without touching its record."""
+
+
+class PermanentError(Exception):
+    """A failure that a retry cannot fix; its message is the user-facing reason."""
+
+
+@lru_cache(maxsize=8)
+def _base_bundle(ref: str, root: str | None) -> Any:
+    from models.bundle import resolve_bundle
+
+    return resolve_bundle(ref, root=root)
+
+
+@lru_cache(maxsize=32)
+def _adapted_bundle(path: str) -> Any:
+    from models.bundle import load_bundle
+
+    return load_bundle(path)
+
+
+def worker_name() -> str:
+    """Host and process of this worker, as recorded on the jobs it runs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def claim(ctx: Context, job_id: str, token: str) -> bool:
+    """Atomically take a queued job (or a running one whose worker stopped heart-beating)."""
+    now = utcnow()
+    stale_at = now - timedelta(seconds=ctx.settings.stale_after)
+    with ctx.db.session() as session:
+        claimed = session.execute(
+            update(Job)
+            .where(
+                Job.id == job_id,
+                or_(
+                    Job.state == "queued",
+                    (Job.state == "running") & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_at),
+                ),
+            )
+            .values(
+                state="running",
+                phase=None,
+                progress=0.0,
+                run_token=token,
+                worker=worker_name(),
+                heartbeat_at=now,
+                started_at=now,
+                attempts=Job.attempts + 1,
+                error=None,
+            )
+        ).rowcount
+        session.commit()
+    return bool(claimed)
+
+
+class _Heartbeat(threading.Thread):
+    """Refreshes the job's heartbeat; notices when the job was cancelled or taken over."""
+
+    def __init__(self, ctx: Context, job_id: str, token: str) -> None:
+        super().__init__(daemon=True, name=f"heartbeat-{job_id}")
+        self.ctx, self.job_id, self.token = ctx, job_id, token
+        self.stop = threading.Event()
+        self.lost = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.ctx.settings.heartbeat_interval):
+            try:
+                with self.ctx.db.session() as session:
+                    alive = session.execute(
+                        update(Job)
+                        .where(Job.id == self.job_id, Job.run_token == self.token, Job.state == "running")
+                        .values(heartbeat_at=utcnow())
+                    ).rowcount
+                    session.commit()
+                if not alive:
+                    self.lost.set()
+                    return
+            except Exception as exc:  # database hiccup: try again next beat
+                log.warning("heartbeat of job %s failed: %s", self.job_id, exc)
+
+
+class _Progress:
+    """The progress callback handed to the ML core: records phase/percent and raises when cancelled."""
+
+    def __init__(self, ctx: Context, job_id: str, token: str, heartbeat: _Heartbeat) -> None:
+        self.ctx, self.job_id, self.token, self.heartbeat = ctx, job_id, token, heartbeat
+        self.started = time.monotonic()
+        self.segment_started: float | None = None
+        self._last_write = 0.0
+        self._phase: str | None = None
+
+    def write(self, phase: str, percent: float) -> None:
+        with self.ctx.db.session() as session:
+            alive = session.execute(
+                update(Job)
+                .where(Job.id == self.job_id, Job.run_token == self.token, Job.state == "running")
+                .values(phase=phase, progress=round(percent, 1), heartbeat_at=utcnow())
+            ).rowcount
+            session.commit()
+        if not alive:
+            raise JobCancelled(self.job_id)
+
+    def __call__(self, phase: str, percent: float) -> None:
+        if self.heartbeat.lost.is_set():
+            raise JobCancelled(self.job_id)
+        percent = max(0.0, min(100.0, float(percent)))
+        if phase == "segmenting" and self.segment_started is None:
+            self.segment_started = time.monotonic()
+        now = time.monotonic()
+        if phase != self._phase or percent >= 100.0 or now - self._last_write >= 0.5:
+            self._phase, self._last_write = phase, now
+            self.write(phase, percent)
+
+
+def _fail(ctx: Context, job_id: str, token: str, reason: str) -> None:
+    with ctx.db.session() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.run_token == token, Job.state == "running")
+            .values(state="failed", phase=None, error=reason[:2000], finished_at=utcnow())
+        )
+        session.commit()
+
+
+def _retry_or_fail(ctx: Context, job: Job, token: str, exc: BaseException) -> None:
+    reason = f"{type(exc).__name__}: {exc}"
+    if job.attempts >= ctx.settings.max_attempts:
+        _fail(ctx, job.id, token, f"internal error after {job.attempts} attempts: {reason}")
+        return
+    with ctx.db.session() as session:
+        moved = session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.run_token == token, Job.state == "running")
+            .values(state="queued", phase=None, progress=0.0, run_token=None, error=f"retrying after: {reason}")
+        ).rowcount
+        session.commit()
+    if moved:
+        enqueue(ctx.db, ctx.celery, job.id, job.queue, countdown=min(60.0, 5.0 * job.attempts))
+
+
+def _fetch_study(ctx: Context, job: Job, dest: Path, progress: _Progress) -> None:
+    """Pull the job's study from DICOMweb and record its series as scans (replacing any earlier attempt's)."""
+    try:
+        from service import dicomweb
+    except ImportError:
+        raise PermanentError("DICOMweb retrieval is not available on this worker") from None
+    from models.io import InputError, read_image
+
+    progress("fetching", 0.0)
+    paths = dicomweb.fetch_study(job.study_uid, dest)
+    if not paths:
+        raise PermanentError(f"study {job.study_uid} has no retrievable series")
+    scans: list[Scan] = []
+    for position, path in enumerate(sorted(paths)):
+        try:
+            image = read_image(path)
+        except InputError as exc:
+            raise PermanentError(f"series {Path(path).name}: {exc}") from None
+        if image.GetNumberOfPixels() > ctx.settings.max_voxels_per_scan:
+            raise PermanentError(f"series {Path(path).name} has more than {ctx.settings.max_voxels_per_scan} voxels")
+        name = f"series{position + 1}"
+        key = f"jobs/{job.id}/inputs/{name}"
+        ctx.storage.put_path(key, Path(path))
+        files = sum(1 for f in Path(path).rglob("*") if f.is_file()) if Path(path).is_dir() else 1
+        scans.append(
+            Scan(
+                job_id=job.id,
+                position=position,
+                name=name,
+                kind="dicom" if Path(path).is_dir() else "nifti",
+                input_key=key,
+                input_bytes=0,
+                sha256="",
+                files=files,
+                size=list(image.GetSize()),
+                spacing=[float(s) for s in image.GetSpacing()],
+                state="pending",
+                fallback=False,
+            )
+        )
+    with ctx.db.session() as session:
+        session.execute(delete(Scan).where(Scan.job_id == job.id))
+        session.add_all(scans)
+        session.commit()
+    progress("fetching", 100.0)
+
+
+def _choose_bundle(ctx: Context, job: Job) -> tuple[Any, str, str, str | None]:
+    """The bundle to run, the method to run it with, its description, and the job it was adapted by."""
+    root = str(ctx.settings.bundles) if ctx.settings.bundles else None
+    base = _base_bundle(f"{job.bundle_name}:{job.bundle_version}", root)
+    ref = f"{job.bundle_name}:{job.bundle_version}"
+    if job.domain and job.adaptation != "none" and ctx.settings.domain_policy == "reuse":
+        with ctx.db.session() as session:
+            cached = session.scalar(
+                select(DomainBundle).where(
+                    DomainBundle.client_id == job.client_id,
+                    DomainBundle.bundle_name == job.bundle_name,
+                    DomainBundle.bundle_version == job.bundle_version,
+                    DomainBundle.adaptation == job.adaptation,
+                    DomainBundle.domain == job.domain,
+                )
+            )
+        if cached is not None and cached.job_id != job.id and ctx.storage.exists(cached.storage_key):
+            bundle = _adapted_bundle(str(ctx.storage.local_path(cached.storage_key)))
+            return bundle, "none", f"{ref} adapted ({job.adaptation}) for domain {job.domain}", cached.job_id
+    if job.adaptation == "none":
+        return base, "none", ref, None
+    return base, job.adaptation, f"{ref} adapted ({job.adaptation}) on this job", None
+
+
+def _remember_adapted(ctx: Context, job: Job, adapted: Path) -> str:
+    """Store an adapted bundle and make it the domain's cached bundle."""
+    key = f"adapted/{job.client_id}/{job.bundle_name}/{job.bundle_version}/{job.adaptation}/{job.domain}/{job.id}"
+    ctx.storage.put_path(key, adapted)
+    with ctx.db.session() as session:
+        row = session.scalar(
+            select(DomainBundle).where(
+                DomainBundle.client_id == job.client_id,
+                DomainBundle.bundle_name == job.bundle_name,
+                DomainBundle.bundle_version == job.bundle_version,
+                DomainBundle.adaptation == job.adaptation,
+                DomainBundle.domain == job.domain,
+            )
+        )
+        if row is None:
+            row = DomainBundle(
+                client_id=job.client_id,
+                bundle_name=job.bundle_name,
+                bundle_version=job.bundle_version,
+                adaptation=job.adaptation,
+                domain=job.domain,
+            )
+            session.add(row)
+        row.storage_key, row.job_id, row.created_at = key, job.id, utcnow()
+        session.commit()
+    return key
+
+
+def _execute(ctx: Context, job: Job, token: str, progress: _Progress, scratch: Path) -> None:
+    from models.pipeline import segment_batch
+
+    if job.source == "dicomweb":
+        _fetch_study(ctx, job, scratch / "fetched", progress)
+    with ctx.db.session() as session:
+        scans = list(session.scalars(select(Scan).where(Scan.job_id == job.id).order_by(Scan.position)))
+    bundle, method, bundle_used, reused_from = _choose_bundle(ctx, job)
+    save_adapted = scratch / "adapted" if job.domain and method != "none" else None
+    out_dir = scratch / "out"
+    device = ctx.settings.resolved_device
+    started = time.monotonic()
+    results = segment_batch(
+        [ctx.storage.local_path(s.input_key) for s in scans],
+        bundle,
+        method=method,
+        steps=job.steps,
+        device=device,
+        out_dir=out_dir,
+        progress=progress,
+        case_names=[s.name for s in scans],
+        save_adapted=save_adapted,
+    )
+    finished = time.monotonic()
+    segment_from = progress.segment_started or started
+    adapted_key = None
+    if save_adapted is not None and save_adapted.is_dir():
+        adapted_key = _remember_adapted(ctx, job, save_adapted)
+    results_key = f"jobs/{job.id}/results"
+    ctx.storage.put_path(results_key, out_dir)
+    by_case = {r.case: r for r in results}
+    with ctx.db.session() as session:
+        current = session.scalar(select(Job).where(Job.id == job.id).with_for_update())
+        if current is None or current.run_token != token or current.state != "running":
+            raise JobCancelled(job.id)
+        for scan in current.scans:
+            result = by_case.get(scan.name)
+            if result is None:
+                scan.state = "failed"
+                continue
+            scan.state = "succeeded"
+            scan.label_key = f"{results_key}/{Path(result.label_path).name}"
+            scan.result_json_key = f"{results_key}/{Path(result.json_path).name}"
+            scan.volumes_ml = {k: float(v) for k, v in result.volumes_ml.items()}
+            scan.quality = {k: float(v) for k, v in result.quality.items()}
+            scan.fallback = bool(result.fallback)
+            scan.fallback_reason = result.fallback_reason
+            scan.seconds = float(result.seconds)
+        current.state = "succeeded"
+        current.phase = None
+        current.progress = 100.0
+        current.finished_at = utcnow()
+        current.device = device
+        current.bundle_used = bundle_used
+        current.reused_from_job = reused_from
+        current.adapted_bundle_key = adapted_key
+        current.adapt_seconds = round(segment_from - started, 3) if method != "none" else 0.0
+        current.segment_seconds = round(finished - segment_from, 3)
+        session.commit()
+
+
+def run(job_id: str) -> None:
+    """Claim and run a job; every outcome ends in a consistent record (or a re-queue for another try)."""
+    from models.bundle import BundleError
+    from models.io import InputError
+
+    ctx = get_context()
+    token = uuid.uuid4().hex
+    if not claim(ctx, job_id, token):
+        log.info("job %s is not claimable (done, cancelled or running elsewhere); skipping", job_id)
+        return
+    with ctx.db.session() as session:
+        job = session.get(Job, job_id)
+    assert job is not None
+    if job.attempts > ctx.settings.max_attempts:
+        _fail(ctx, job_id, token, f"gave up after {job.attempts - 1} attempts: the worker was lost each time")
+        return
+    log.info("running job %s (attempt %d)", job_id, job.attempts)
+    heartbeat = _Heartbeat(ctx, job_id, token)
+    heartbeat.start()
+    progress = _Progress(ctx, job_id, token, heartbeat)
+    scratch = ctx.storage.scratch_dir()
+    try:
+        _execute(ctx, job, token, progress, scratch)
+        log.info("job %s succeeded", job_id)
+    except JobCancelled:
+        log.info("job %s was cancelled while running", job_id)
+    except (PermanentError, InputError, BundleError) as exc:
+        log.warning("job %s failed: %s", job_id, exc)
+        _fail(ctx, job_id, token, str(exc))
+    except Exception as exc:
+        log.exception("job %s crashed", job_id)
+        _retry_or_fail(ctx, job, token, exc)
+    finally:
+        heartbeat.stop.set()
+        shutil.rmtree(scratch, ignore_errors=True)
