@@ -118,7 +118,21 @@ def read_image(
         size[3] = 0
         image = sitk.Extract(image, size, [0, 0, 0, frame])
     validate_image(image)
+    if is_image_file and single.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_data(single)
     return image
+
+
+def _check_nifti_data(path: Path) -> None:
+    """Read the stored voxels once more with nibabel: ITK accepts truncated gzip streams and turns NaN into 0."""
+    import nibabel as nib
+
+    try:
+        data = np.asanyarray(nib.load(str(path)).dataobj)
+    except Exception as exc:  # nibabel raises many types for damaged files
+        raise InputError(f"{path.name}: not a readable image (corrupt or truncated): {exc}") from exc
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        raise InputError("image contains NaN or infinite values")
 
 
 def validate_image(image: sitk.Image) -> None:

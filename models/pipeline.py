@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import time
@@ -183,7 +184,6 @@ def save_adapted_bundle(bundle: Bundle, adapted: AdaptResult, cases: Sequence[st
         "steps_run": adapted.steps_run,
         "batch": list(cases),
     }
-    new_card = card.model_copy(
-        update={"version": f"{card.version}-{adapted.method}-{card.weights_sha256[:6]}", "parent": parent}
-    )
+    batch_id = hashlib.sha256("\n".join(cases).encode()).hexdigest()[:8]
+    new_card = card.model_copy(update={"version": f"{card.version}-{adapted.method}-{batch_id}", "parent": parent})
     return save_bundle(adapted.net, new_card, out_dir)

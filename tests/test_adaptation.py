@@ -1,0 +1,101 @@
+"""Test-time adaptation on phantoms with a synthetic scanner shift, the guard, and label-free signals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from models.adaptation import AdaptConfig, adapt
+from models.guard import implausible_change
+from models.phantom import write_phantoms
+from models.pipeline import segment_batch
+
+FAST = AdaptConfig(steps=12, batch_size=2, lr=1e-3, ema=0.9, mask_block=(2, 8, 8), min_steps=100)
+
+
+@pytest.fixture(scope="module")
+def shifted(tmp_path_factory):
+    """Target-domain phantoms: the core/shell contrast is inverted, as between MRI sequences."""
+    return write_phantoms(tmp_path_factory.mktemp("target"), 4, seed=100, shift="invert")
+
+
+def _dice(pred_dir, pairs):
+    scores = []
+    for img, lab in pairs:
+        ref = sitk.GetArrayFromImage(sitk.ReadImage(str(lab)))
+        out = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir / img.name)))
+        for k in (1, 2):
+            scores.append(2 * np.logical_and(ref == k, out == k).sum() / ((ref == k).sum() + (out == k).sum()))
+    return float(np.mean(scores))
+
+
+def test_mpl_improves_over_source_on_shifted_domain(tiny_bundle, shifted, tmp_path):
+    inputs = [img for img, _ in shifted]
+    none = segment_batch(inputs, tiny_bundle, tmp_path / "none", method="none")
+    segment_batch(inputs, tiny_bundle, tmp_path / "mpl", method="mpl", adapt_config=FAST)
+    d_none, d_mpl = _dice(tmp_path / "none", shifted), _dice(tmp_path / "mpl", shifted)
+    assert d_mpl > d_none + 0.05, (d_none, d_mpl)
+    assert none[0].quality["agreement_with_source"] == 1.0
+    record = json.loads((tmp_path / "mpl" / "case00.json").read_text())
+    assert record["method"] == "mpl" and record["steps_run"] == FAST.steps
+    assert {"loss", "agreement", "teacher_entropy"} <= set(record["adaptation_signals"])
+
+
+def test_every_method_runs_and_never_reads_labels(tiny_bundle, shifted, tmp_path, monkeypatch):
+    from models.pipeline import load_scans
+
+    scans = load_scans([img for img, _ in shifted], tiny_bundle, None)
+    volumes = [s.array for s in scans]
+    opened = []
+    real_read = sitk.ReadImage
+    monkeypatch.setattr(sitk, "ReadImage", lambda p, *a: opened.append(str(p)) or real_read(p, *a))
+    net = tiny_bundle.load_network()
+    for method in ("none", "norm", "tent", "mpl"):
+        result = adapt(net, volumes, tiny_bundle.card.patch_size, method, steps=3, cfg=FAST)
+        assert result.method == method
+        assert result.steps_run == (3 if method in ("tent", "mpl") else 0)
+    assert not any("labels" in p for p in opened)
+    with pytest.raises(ValueError, match="unknown adaptation method"):
+        adapt(net, volumes, tiny_bundle.card.patch_size, "magic")
+
+
+def test_guard_falls_back_when_adaptation_collapses(tiny_bundle, shifted, tmp_path, monkeypatch):
+    import models.pipeline as pipeline
+
+    real_adapt = pipeline.adapt
+
+    def collapsing_adapt(*args, **kwargs):
+        result = real_adapt(*args, **kwargs)
+        head = result.net.head.conv.conv
+        head.weight.data.zero_()
+        head.bias.data[:] = -10.0
+        head.bias.data[0] = 10.0  # everything becomes background
+        return result
+
+    monkeypatch.setattr(pipeline, "adapt", collapsing_adapt)
+    results = segment_batch([shifted[0][0]], tiny_bundle, tmp_path, method="mpl", steps=1, adapt_config=FAST)
+    source = segment_batch([shifted[0][0]], tiny_bundle, tmp_path / "src", method="none")
+    assert results[0].fallback and "vanished" in results[0].fallback_reason
+    assert results[0].volumes_ml == source[0].volumes_ml
+    assert json.loads(results[0].json_path.read_text())["fallback"] is True
+
+
+def test_guard_rules():
+    assert implausible_change({"a": 10.0}, {"a": 12.0}) is None
+    assert "vanished" in implausible_change({"a": 10.0}, {"a": 0.0})
+    assert "beyond" in implausible_change({"a": 10.0}, {"a": 45.0})
+    assert implausible_change({"a": 0.2}, {"a": 30.0}) is None  # absent in the source: nothing to compare
+
+
+def test_adapted_bundle_names_its_parent(tiny_bundle, shifted, tmp_path):
+    from models.bundle import load_bundle
+
+    segment_batch([p for p, _ in shifted[:2]], tiny_bundle, tmp_path / "o", method="tent", steps=2,
+                  save_adapted=tmp_path / "adapted", adapt_config=FAST)
+    adapted = load_bundle(tmp_path / "adapted")
+    assert adapted.card.parent["name"] == "phantom"
+    assert adapted.card.parent["batch"] == ["case00", "case01"]
+    assert adapted.card.version != tiny_bundle.card.version

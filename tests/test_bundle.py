@@ -1,0 +1,68 @@
+"""Checkpoint bundles: save, load, verify, resolve by name, and ONNX Runtime parity with PyTorch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from models.bundle import BundleError, load_bundle, resolve_bundle
+from models.inference import onnx_session
+
+
+def test_card_describes_the_model(tiny_bundle):
+    card = tiny_bundle.card
+    assert card.labels[1] == "core" and card.parameters > 0 and card.flops_per_patch > 0
+    assert card.onnx_opset >= 17 and len(card.weights_sha256) == 64
+    assert card.validation["dice_mean"] > 0.5
+    assert card.training["train_cases"] and card.created_at
+
+
+def test_onnx_matches_pytorch(tiny_bundle):
+    net = tiny_bundle.load_network()
+    session = onnx_session(tiny_bundle.onnx_path)
+    gen = torch.Generator().manual_seed(0)
+    local = torch.randn(2, 1, *tiny_bundle.card.patch_size, generator=gen)
+    gview = torch.randn(2, 1, *tiny_bundle.card.patch_size, generator=gen)
+    box = torch.tensor([[0.0, 0.1, 0.2, 1.0, 0.6, 0.9], [0.2, 0.0, 0.0, 0.9, 1.0, 0.5]])
+    with torch.no_grad():
+        expected = net(local, gview, box).local_logits.numpy()
+    got = session.run(["logits"], {"local": local.numpy(), "global_view": gview.numpy(), "box": box.numpy()})[0]
+    assert np.abs(got - expected).max() < 1e-4
+
+
+def test_corrupted_weights_are_refused(tiny_bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle.path, copy)
+    with open(copy / "weights.pt", "r+b") as fh:
+        fh.seek(200)
+        fh.write(b"\x00\x01\x02\x03")
+    with pytest.raises(BundleError, match="checksum"):
+        load_bundle(copy)
+
+
+def test_invalid_card_and_missing_files(tiny_bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle.path, copy)
+    card = json.loads((copy / "model_card.json").read_text())
+    del card["labels"]
+    (copy / "model_card.json").write_text(json.dumps(card))
+    with pytest.raises(BundleError, match="invalid model card"):
+        load_bundle(copy)
+    (copy / "model_card.json").unlink()
+    with pytest.raises(BundleError, match="not a bundle"):
+        load_bundle(copy)
+
+
+def test_resolve_by_name_and_version(tiny_bundle, tmp_path):
+    root = tmp_path / "registry"
+    shutil.copytree(tiny_bundle.path, root / "phantom")
+    assert resolve_bundle("phantom", root).card.name == "phantom"
+    assert resolve_bundle("phantom:1", root).path == root / "phantom"
+    with pytest.raises(BundleError, match="unknown model 'nope'"):
+        resolve_bundle("nope", root)
+    with pytest.raises(BundleError, match="unknown model"):
+        resolve_bundle("phantom:9", root)
