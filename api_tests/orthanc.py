@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 from fastapi import FastAPI
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
 PLUGIN_CANDIDATES = (
     "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
     "/usr/lib/orthanc/libOrthancDicomWeb.so*",
@@ -153,7 +153,7 @@ class Orthanc(ServerProcess):
 
 
 def receiver_app() -> FastAPI:
-    """Bare app serving only the DICOMweb router (uvicorn factory ``api_tests.orthanc:receiver_app``)."""
+    """Bare app serving only the DICOMweb router (the uvicorn factory of :class:`Receiver`)."""
     from service.dicomweb import router
 
     app = FastAPI()
@@ -169,8 +169,16 @@ class Receiver(ServerProcess):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.storage_dir = workdir / "storage"
-        python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+        python_path = os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))
         env = {**os.environ, "TTASEG_STORAGE_DIR": str(self.storage_dir), "PYTHONPATH": python_path}
-        command = [sys.executable, "-m", "uvicorn", "--factory", "api_tests.orthanc:receiver_app"]
+        command = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--app-dir",
+            str(HERE),
+            "--factory",
+            "orthanc:receiver_app",
+        ]
         command += ["--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
         super().__init__(command, f"{self.url}/openapi.json", workdir / "receiver.log", env=env)

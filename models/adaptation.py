@@ -44,6 +44,8 @@ class AdaptConfig(BaseModel):
     global_weight: float = 0.5
     cosine_weight: float = 0.1
     norm_batches: int = 12
+    mpl_norm_statistics: bool = True
+    dice_weight: float = 1.0
     min_steps: int = 20
     settle_window: int = 10
     settle_tolerance: float = 0.02
@@ -129,9 +131,22 @@ def _tent(
     return result
 
 
-def _weighted_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _pseudo_label_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, dice_weight: float):
+    """Confidence-weighted cross-entropy plus a soft Dice term that keeps small structures from being outvoted."""
     ce = F.cross_entropy(logits, target, reduction="none")
-    return (ce * weight).sum() / weight.sum().clamp_min(1.0)
+    loss = (ce * weight).sum() / weight.sum().clamp_min(1.0)
+    if dice_weight:
+        probs = torch.softmax(logits, 1)
+        onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).float()
+        w = weight[:, None]
+        dims = (0, 2, 3, 4)
+        inter = (probs * onehot * w).sum(dims)
+        denom = ((probs + onehot) * w).sum(dims)
+        present = onehot.sum(dims)[1:] > 0
+        dice = (2 * inter + 1e-5) / (denom + 1e-5)
+        if present.any():
+            loss = loss + dice_weight * (1 - dice[1:][present].mean())
+    return loss
 
 
 @torch.no_grad()
@@ -155,7 +170,8 @@ def _settled(history: list[dict[str, float]], cfg: AdaptConfig) -> bool:
 def _mpl(
     net: GlobalLocalUNet, volumes: Sequence[np.ndarray], patch, cfg: AdaptConfig, steps: int, progress: Progress
 ) -> AdaptResult:
-    reestimate_norm_statistics(net, volumes, patch, cfg)
+    if cfg.mpl_norm_statistics:
+        reestimate_norm_statistics(net, volumes, patch, cfg)
     student = net
     teacher = copy.deepcopy(net).eval()
     for p in teacher.parameters():
@@ -183,8 +199,8 @@ def _mpl(
         agreement = 0.0
         for masked, (loc_in, glob_in) in ((True, (local * mask_l, gview * mask_g)), (False, (local, gview))):
             s_out = student(loc_in, glob_in, box)
-            loss = loss + _weighted_ce(s_out.local_logits, pseudo_l, w_l)
-            loss = loss + cfg.global_weight * _weighted_ce(s_out.global_logits, pseudo_g, w_g)
+            loss = loss + _pseudo_label_loss(s_out.local_logits, pseudo_l, w_l, cfg.dice_weight)
+            loss = loss + cfg.global_weight * _pseudo_label_loss(s_out.global_logits, pseudo_g, w_g, cfg.dice_weight)
             loss = loss + cfg.cosine_weight * cosine_consistency(s_out.local_features, s_out.global_context)
             if not masked:
                 agreement = float((s_out.local_logits.argmax(1) == pseudo_l).float().mean())

@@ -39,8 +39,16 @@ def phantom(
     intensity = {0: 0.2, 1: 1.0, 2: 0.55}
     if shift == "invert":
         intensity = {0: 0.2, 1: 0.45, 2: 1.0}
+    if shift == "lowcontrast":
+        intensity = {0: 0.2, 1: 0.5, 2: 0.32}
     img = np.vectorize(intensity.get)(labels).astype(np.float32)
-    img += rng.normal(0, 0.06, img.shape).astype(np.float32)
+    img += rng.normal(0, 0.25 if shift == "noise" else 0.06, img.shape).astype(np.float32)
+    if shift == "bias":
+        img *= np.linspace(0.4, 1.6, img.shape[2], dtype=np.float32)[None, None, :]
+    if shift == "blur":
+        from scipy.ndimage import gaussian_filter
+
+        img = gaussian_filter(img, (0.5, 1.5, 1.5)).astype(np.float32)
     if shift == "gamma":
         img = np.clip(img, 0, None) ** 3.0
     image = sitk.GetImageFromArray((img * 1000).astype(np.int16))

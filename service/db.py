@@ -1,4 +1,4 @@
-"""Job records (SQLAlchemy 2.0): jobs, their scans, the per-domain adapted-bundle cache and worker heartbeats."""
+"""Job records (SQLAlchemy 2.0): jobs, scans, the per-domain adapted-bundle cache and worker heartbeats."""
 
 from __future__ import annotations
 

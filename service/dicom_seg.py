@@ -128,16 +128,19 @@ def write_dicom_seg(
     _check_grid(label, datasets[0])
     sources = _frame_sources(label, datasets)
 
-    array = sitk.GetArrayFromImage(label)  # (z, y, x)
-    if not np.array_equal(array, np.round(array)) or array.min() < 0:
+    array = sitk.GetArrayViewFromImage(label)  # (z, y, x)
+    present = np.unique(array)
+    if present[0] < 0 or not np.array_equal(present, np.round(present)):
         raise ValueError("label map must hold non-negative integer labels")
-    array = array.astype(np.int64)
     values = sorted(v for v in labels if v != 0)
-    unknown = sorted(set(np.unique(array).tolist()) - set(values) - {0})
+    if not values:
+        raise ValueError("labels names no segment (only background)")
+    unknown = sorted(set(present.astype(np.int64).tolist()) - set(values) - {0})
     if unknown:
         raise ValueError(f"label map holds values {unknown} that have no name in labels")
-    lut = np.zeros(int(max(values + [int(array.max())])) + 1, dtype=np.uint16)
+    lut = np.zeros(max(values) + 1, dtype=np.uint16)
     lut[values] = np.arange(1, len(values) + 1)
+    segment_numbers = lut[array.astype(np.int64) if array.dtype.kind == "f" else array]
 
     algorithm = hd.AlgorithmIdentificationSequence(
         name=algorithm_name, family=codes.cid7162.ArtificialIntelligence, version=algorithm_version
@@ -158,7 +161,7 @@ def write_dicom_seg(
     source_series_number = int(datasets[0].get("SeriesNumber") or 0)
     seg = hd.seg.Segmentation(
         source_images=sources,
-        pixel_array=lut[array],
+        pixel_array=segment_numbers,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=hd.UID(),

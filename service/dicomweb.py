@@ -26,6 +26,7 @@ from dicomweb_client.session_utils import create_session_from_user_pass
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
+from retrying import RetryError
 from starlette.concurrency import run_in_threadpool
 
 from service.config import get_settings
@@ -35,6 +36,8 @@ NON_IMAGE_MODALITIES = frozenset(
     | {"RWV", "AU", "ECG", "HD", "PLAN", "SMR"}
 )
 STOW_BATCH_SIZE = 32
+RETRY_ATTEMPTS = 3  # requests refused, timed out or answered 408/429/503/504 are retried ...
+RETRY_WAIT_MS = 500  # ... after 1 s, then 2 s
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 # Failure Reason (0008,1197) values of PS3.4 Annex B used in STOW-RS responses.
 FAILURE_OUT_OF_RESOURCES = 0xA700
@@ -75,10 +78,11 @@ def client_from_env() -> DICOMwebClient:
     if not url:
         raise DicomWebError("no PACS is configured for DICOMweb (set TTASEG_DICOMWEB_URL)", 503)
     username = os.environ.get("TTASEG_DICOMWEB_USERNAME")
-    if username:
-        session = create_session_from_user_pass(username, os.environ.get("TTASEG_DICOMWEB_PASSWORD", ""))
-        return DICOMwebClient(url, session=session)
-    return DICOMwebClient(url)
+    password = os.environ.get("TTASEG_DICOMWEB_PASSWORD", "")
+    session = create_session_from_user_pass(username, password) if username else None
+    client = DICOMwebClient(url, session=session)
+    client.set_http_retry_params(max_attempts=RETRY_ATTEMPTS, wait_exponential_multiplier=RETRY_WAIT_MS)
+    return client
 
 
 @contextmanager
@@ -97,6 +101,8 @@ def _pacs_errors(action: str, url: str) -> Iterator[None]:
         raise DicomWebError(f"{action}: the PACS answered HTTP {status}", 502) from exc
     except (requests.ConnectionError, requests.Timeout) as exc:
         raise DicomWebError(f"{action}: the PACS at {url} cannot be reached", 503) from exc
+    except RetryError as exc:  # how dicomweb-client gives up after repeated 408/429/503/504 answers
+        raise DicomWebError(f"{action}: the PACS at {url} stays unavailable; try again later", 503) from exc
     except (requests.RequestException, ValueError) as exc:
         raise DicomWebError(f"{action}: unexpected answer from the PACS ({exc})", 502) from exc
 

@@ -95,7 +95,7 @@ def create_job(
 
 
 def enqueue(db: Database, celery: Celery, job_id: str, queue: str, countdown: float | None = None) -> bool:
-    """Send the job's task; records the send time. Returns False (job stays queued for recovery) on failure."""
+    """Send the job's task and record the send; False (the job stays queued for recovery) on failure."""
     task_id = uuid.uuid4().hex
     try:
         celery.send_task(

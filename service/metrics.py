@@ -46,7 +46,9 @@ class JobCollector(Collector):
                 ).all()
             )
             fresh = utcnow() - timedelta(seconds=self.worker_fresh_seconds)
-            workers = session.scalar(select(func.count()).select_from(Worker).where(Worker.last_seen >= fresh))
+            workers = session.scalar(
+                select(func.count()).select_from(Worker).where(Worker.last_seen >= fresh)
+            )
             jobs = GaugeMetricFamily("ttaseg_jobs", "Jobs by state.", labels=["state"])
             for state in STATES:
                 jobs.add_metric([state], float(by_state.get(state, 0)))
@@ -55,12 +57,17 @@ class JobCollector(Collector):
             for queue, count in sorted(by_queue.items()):
                 depth.add_metric([queue], float(count))
             yield depth
-            yield GaugeMetricFamily("ttaseg_workers_alive", "Workers with a recent heartbeat.", value=workers or 0)
+            yield GaugeMetricFamily(
+                "ttaseg_workers_alive", "Workers with a recent heartbeat.", value=workers or 0
+            )
             yield self._histogram(
                 session, Job.adapt_seconds, "ttaseg_adaptation_seconds", "Adaptation time of succeeded jobs."
             )
             yield self._histogram(
-                session, Job.segment_seconds, "ttaseg_inference_seconds", "Segmentation time of succeeded jobs."
+                session,
+                Job.segment_seconds,
+                "ttaseg_inference_seconds",
+                "Segmentation time of succeeded jobs.",
             )
 
 
@@ -74,5 +81,8 @@ class Metrics:
             "ttaseg_jobs_submitted", "Jobs accepted by this API process.", registry=self.registry
         )
         self.rejected = Counter(
-            "ttaseg_jobs_rejected", "Job submissions refused, by HTTP status.", ["status"], registry=self.registry
+            "ttaseg_jobs_rejected",
+            "Job submissions refused, by HTTP status.",
+            ["status"],
+            registry=self.registry,
         )

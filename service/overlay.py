@@ -49,7 +49,9 @@ def render_overlay(image: sitk.Image, labels: sitk.Image, slices: int = 4, alpha
     vol, lab = np.moveaxis(vol, axis, 0), np.moveaxis(lab, axis, 0)
     with_labels = np.flatnonzero((lab > 0).reshape(lab.shape[0], -1).any(1))
     candidates = with_labels if len(with_labels) else np.arange(lab.shape[0])
-    picks = candidates[np.unique(np.linspace(0, len(candidates) - 1, min(slices, len(candidates))).round().astype(int))]
+    picks = candidates[
+        np.unique(np.linspace(0, len(candidates) - 1, min(slices, len(candidates))).round().astype(int))
+    ]
     spacing = list(image.GetSpacing())
     in_plane = [s for i, s in enumerate(reversed(spacing)) if i != axis]
     aspect = in_plane[0] / in_plane[1]
@@ -62,7 +64,9 @@ def render_overlay(image: sitk.Image, labels: sitk.Image, slices: int = 4, alpha
         tile = Image.fromarray(rgb.astype(np.uint8), "RGB")
         height, width = rgb.shape[0] * aspect, rgb.shape[1]
         scale = TILE / max(height, width)
-        tiles.append(tile.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR))
+        tiles.append(
+            tile.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR)
+        )
     canvas = Image.new("RGB", (TILE * len(tiles), TILE))
     for i, tile in enumerate(tiles):
         canvas.paste(tile, (i * TILE + (TILE - tile.width) // 2, (TILE - tile.height) // 2))

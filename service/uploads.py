@@ -300,7 +300,12 @@ def _extract_zip(upload: UploadedFile, dest: Path, budget: list[int]) -> list[Pa
 
 
 def _image_scan(
-    name: str, kind: str, src: Path, staging: Path, taken: set[str], digest: str | None = None
+    name: str,
+    kind: str,
+    src: Path,
+    staging: Path,
+    taken: set[str],
+    digest: str | None = None,
 ) -> StagedScan:
     """Move an image file into its own scan file with the suffix SimpleITK needs."""
     suffix = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}[kind]
@@ -358,7 +363,7 @@ def _zip_scans(upload: UploadedFile, staging: Path, budget: list[int], taken: se
 
 
 def assemble_scans(uploads: list[UploadedFile], staging: Path, max_unzipped_bytes: int) -> list[StagedScan]:
-    """Group uploaded files into scans: one per image file, one per zip folder of DICOM, one for loose DICOM."""
+    """Group uploads into scans: one per image file, one per zip folder of DICOM, one for loose DICOM."""
     if not uploads:
         raise UploadError(422, f"no files uploaded: send one or more scans in the `{FILE_FIELD}` field")
     scans: list[StagedScan] = []
@@ -379,7 +384,14 @@ def assemble_scans(uploads: list[UploadedFile], staging: Path, max_unzipped_byte
             loose_dicom.append(upload.path)
         else:
             scans.append(
-                _image_scan(safe_name(upload.filename), kind, upload.path, staging, taken, upload.sha256)
+                _image_scan(
+                    safe_name(upload.filename),
+                    kind,
+                    upload.path,
+                    staging,
+                    taken,
+                    upload.sha256,
+                )
             )
     if loose_dicom:
         scans.append(_dicom_scan("dicom", loose_dicom, staging, taken))

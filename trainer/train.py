@@ -40,6 +40,7 @@ class TrainConfig(BaseModel):
     val_every: int = 100
     mask_ratio: float = 0.7
     mask_block: tuple[int, int, int] = (2, 16, 16)
+    augment: bool = True
     seed: int = 0
 
 
@@ -79,7 +80,9 @@ def _views(cases, rng, aug, cfg: TrainConfig, labelled: bool):
     idx = rng.choice(len(cases), size=cfg.batch_size, replace=len(cases) < cfg.batch_size)
     imgs, labs = [], []
     for i in idx:
-        im, lab = augment(aug, cases[i].scan.array, cases[i].labels if labelled else None)
+        im, lab = cases[i].scan.array, cases[i].labels if labelled else None
+        if cfg.augment:
+            im, lab = augment(aug, im, lab)
         imgs.append(im)
         labs.append(lab)
     return make_views(imgs, cfg.patch_size, rng, labs if labelled else None, cfg.foreground_prob)

@@ -16,6 +16,7 @@ def main() -> None:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     migrate(Database(settings.resolved_database_url).engine)
     os.environ.setdefault("TTASEG_DEVICE", settings.resolved_device)
+    import models.pipeline  # noqa: F401  (imported once, before the first job)
     import workers.service  # noqa: F401  (connects the worker signals)
     from workers.tasks import celery_app
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -18,6 +19,7 @@ from sqlalchemy import delete, or_, select, update
 
 from service.db import DomainBundle, Job, Scan, utcnow
 from service.jobs import enqueue
+from service.storage import sha256_file
 from workers.context import Context, get_context
 
 log = logging.getLogger(__name__)
@@ -158,47 +160,61 @@ def _retry_or_fail(ctx: Context, job: Job, token: str, exc: BaseException) -> No
         moved = session.execute(
             update(Job)
             .where(Job.id == job.id, Job.run_token == token, Job.state == "running")
-            .values(state="queued", phase=None, progress=0.0, run_token=None, error=f"retrying after: {reason}")
+            .values(
+                state="queued", phase=None, progress=0.0, run_token=None, error=f"retrying after: {reason}"
+            )
         ).rowcount
         session.commit()
     if moved:
         enqueue(ctx.db, ctx.celery, job.id, job.queue, countdown=min(60.0, 5.0 * job.attempts))
 
 
-def _fetch_study(ctx: Context, job: Job, dest: Path, progress: _Progress) -> None:
-    """Pull the job's study from DICOMweb and record its series as scans (replacing any earlier attempt's)."""
+def _study_series(job: Job, dest: Path) -> list[Path]:
+    """Series folders of the job's study: pushed earlier (STOW-RS), else pulled from the PACS."""
     try:
         from service import dicomweb
     except ImportError:
         raise PermanentError("DICOMweb retrieval is not available on this worker") from None
+    received = dicomweb.incoming_study_series(job.study_uid)
+    if received:
+        return received
+    try:
+        return dicomweb.fetch_study(job.study_uid, dest)
+    except dicomweb.DicomWebError as exc:
+        if exc.status_code in (404, 422):
+            raise PermanentError(str(exc)) from None
+        raise
+
+
+def _fetch_study(ctx: Context, job: Job, dest: Path, progress: _Progress) -> None:
+    """Record the job's study series as scans (replacing any earlier attempt's)."""
     from models.io import InputError, read_image
 
     progress("fetching", 0.0)
-    paths = dicomweb.fetch_study(job.study_uid, dest)
-    if not paths:
-        raise PermanentError(f"study {job.study_uid} has no retrievable series")
+    paths = _study_series(job, dest)
     scans: list[Scan] = []
-    for position, path in enumerate(sorted(paths)):
+    for position, path in enumerate(paths):
         try:
             image = read_image(path)
         except InputError as exc:
-            raise PermanentError(f"series {Path(path).name}: {exc}") from None
+            raise PermanentError(f"series {path.name}: {exc}") from None
         if image.GetNumberOfPixels() > ctx.settings.max_voxels_per_scan:
-            raise PermanentError(f"series {Path(path).name} has more than {ctx.settings.max_voxels_per_scan} voxels")
+            limit = ctx.settings.max_voxels_per_scan
+            raise PermanentError(f"series {path.name} has more than {limit} voxels")
         name = f"series{position + 1}"
         key = f"jobs/{job.id}/inputs/{name}"
-        ctx.storage.put_path(key, Path(path))
-        files = sum(1 for f in Path(path).rglob("*") if f.is_file()) if Path(path).is_dir() else 1
+        ctx.storage.put_path(key, path)
+        files = sorted(f for f in path.rglob("*") if f.is_file())
         scans.append(
             Scan(
                 job_id=job.id,
                 position=position,
                 name=name,
-                kind="dicom" if Path(path).is_dir() else "nifti",
+                kind="dicom",
                 input_key=key,
-                input_bytes=0,
-                sha256="",
-                files=files,
+                input_bytes=sum(f.stat().st_size for f in files),
+                sha256=hashlib.sha256("\n".join(sha256_file(f) for f in files).encode()).hexdigest(),
+                files=len(files),
                 size=list(image.GetSize()),
                 spacing=[float(s) for s in image.GetSpacing()],
                 state="pending",
@@ -238,7 +254,8 @@ def _choose_bundle(ctx: Context, job: Job) -> tuple[Any, str, str, str | None]:
 
 def _remember_adapted(ctx: Context, job: Job, adapted: Path) -> str:
     """Store an adapted bundle and make it the domain's cached bundle."""
-    key = f"adapted/{job.client_id}/{job.bundle_name}/{job.bundle_version}/{job.adaptation}/{job.domain}/{job.id}"
+    parts = (job.client_id, job.bundle_name, job.bundle_version, job.adaptation, job.domain, job.id)
+    key = "adapted/" + "/".join(str(p) for p in parts)
     ctx.storage.put_path(key, adapted)
     with ctx.db.session() as session:
         row = session.scalar(

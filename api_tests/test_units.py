@@ -1,0 +1,199 @@
+"""In-process checks of the service's building blocks: upload grouping and zip safety, keys, storage,
+migrations, worker claiming, bounded retries and recovery of lost jobs."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from scan_files import zip_of
+
+from service.auth import KeyRing, hash_token, load_keys
+from service.config import Settings
+from service.db import Base, Database, Job, migrate, utcnow
+from service.jobs import recover
+from service.storage import LocalStorage
+from service.uploads import UploadedFile, UploadError, assemble_scans, safe_name, sniff
+from workers import context as worker_context
+from workers import runner
+from workers.celery_app import make_celery
+
+
+def _upload(path: Path) -> UploadedFile:
+    return UploadedFile(path.name, path, path.stat().st_size, "0" * 64)
+
+
+def test_zip_folders_become_scans_and_names_are_safe(tmp_path, scan_dir):
+    dicom_like = b"\0" * 128 + b"DICM" + b"\0" * 64
+    archive = zip_of(
+        tmp_path / "study.zip",
+        {
+            "a/1.dcm": dicom_like,
+            "a/2.dcm": dicom_like,
+            "b/1.dcm": dicom_like,
+            "__MACOSX/a/._1.dcm": b"x",
+            "DICOMDIR": dicom_like,
+            "notes.txt": b"hello",
+            "img.nii.gz": (scan_dir / "case00.nii.gz").read_bytes(),
+        },
+    )
+    scans = assemble_scans([_upload(archive)], tmp_path / "staging", 10**9)
+    assert [(s.name, s.kind, s.files) for s in scans] == [
+        ("img", "nifti", 1),
+        ("study_a", "dicom", 2),
+        ("study_b", "dicom", 1),
+    ]
+    assert safe_name("../../x y.nii.gz") == "x_y" and safe_name("...") == "scan"
+    assert sniff(scan_dir / "case00.nii.gz", "case00.nii.gz") == "nifti"
+
+
+@pytest.mark.parametrize(
+    ("members", "status", "reason"),
+    [
+        ({"../x.dcm": b"x"}, 422, "unsafe"),
+        ({"C:/x.dcm": b"x"}, 422, "unsafe"),
+        ({"big.bin": b"\0" * 5000}, 413, "allowed size"),
+    ],
+)
+def test_unsafe_zips_are_refused(tmp_path, members, status, reason):
+    archive = zip_of(tmp_path / "bad.zip", members)
+    with pytest.raises(UploadError) as err:
+        assemble_scans([_upload(archive)], tmp_path / "staging", 4000)
+    assert err.value.status_code == status and reason in err.value.detail
+
+
+def test_zip_symlinks_are_refused(tmp_path):
+    path = tmp_path / "link.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        info = zipfile.ZipInfo("series/evil.dcm")
+        info.external_attr = 0o120777 << 16
+        archive.writestr(info, "/etc/passwd")
+    with pytest.raises(UploadError, match="symbolic link"):
+        assemble_scans([_upload(path)], tmp_path / "staging", 10**6)
+
+
+def test_keys_are_hashed_and_parsed(tmp_path):
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"# comment\nbob {hash_token('b-token')}\n")
+    settings = Settings(api_keys=f"alice:{hash_token('a-token')}", api_keys_file=keys_file)
+    ring = KeyRing(load_keys(settings))
+    assert ring.authenticate("a-token").id == "alice" and ring.authenticate("b-token").id == "bob"
+    assert ring.authenticate("nope") is None
+    with pytest.raises(ValueError, match="sha256"):
+        load_keys(Settings(api_keys="alice:not-a-hash"))
+
+
+def test_storage_refuses_escaping_keys(tmp_path):
+    storage = LocalStorage(tmp_path)
+    assert storage.put("a/b.txt", b"hi") == hash_token("hi")
+    assert storage.get("a/b.txt") == b"hi" and storage.exists("a")
+    for key in ("../x", "/etc/passwd", "a/../../x", ""):
+        with pytest.raises(ValueError):
+            storage.put(key, b"x")
+    storage.delete("a")
+    assert not storage.exists("a/b.txt")
+    storage.probe()
+
+
+def test_sqlite_migrations_match_models(tmp_path):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    db = Database(f"sqlite:///{tmp_path}/t.db")
+    migrate(db.engine)
+    migrate(db.engine)
+    with db.engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+
+
+@pytest.fixture
+def ctx(tmp_path, monkeypatch):
+    """A worker context on a temporary SQLite database, storage and filesystem broker."""
+    settings = Settings(data_dir=tmp_path, max_attempts=3, stale_after=5, broker_url="filesystem://")
+    db = Database(settings.resolved_database_url)
+    migrate(db.engine)
+    context = worker_context.Context(
+        settings, db, LocalStorage(settings.resolved_storage_dir), make_celery(settings)
+    )
+    monkeypatch.setitem(worker_context._contexts, os.getpid(), context)
+    monkeypatch.setattr(runner, "get_context", lambda: context)
+    return context
+
+
+def _job(ctx, **values) -> str:
+    fields = dict(
+        id="j" * 32,
+        client_id="c",
+        model_ref="m",
+        bundle_name="m",
+        bundle_version="1",
+        labels={},
+        adaptation="none",
+        queue="cpu",
+        attempts=0,
+        progress=0.0,
+        source="upload",
+    )
+    job = Job(**{**fields, **values})
+    with ctx.db.session() as session:
+        session.add(job)
+        session.commit()
+    return job.id
+
+
+def _get(ctx, job_id: str) -> Job:
+    with ctx.db.session() as session:
+        return session.get(Job, job_id)
+
+
+def _messages(ctx) -> int:
+    return len(list((ctx.settings.resolved_broker_dir / "queue").iterdir()))
+
+
+def test_unexpected_errors_are_retried_then_fail(ctx, monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(runner, "_execute", crash)
+    job_id = _job(ctx, state="queued")
+    for attempt in (1, 2):
+        runner.run(job_id)
+        job = _get(ctx, job_id)
+        assert (job.state, job.attempts) == ("queued", attempt) and "disk on fire" in job.error
+    assert _messages(ctx) == 2
+    runner.run(job_id)
+    job = _get(ctx, job_id)
+    assert job.state == "failed" and "after 3 attempts" in job.error
+
+
+def test_job_whose_worker_keeps_dying_fails(ctx):
+    job_id = _job(ctx, state="queued", attempts=3)
+    runner.run(job_id)
+    job = _get(ctx, job_id)
+    assert job.state == "failed" and "worker was lost" in job.error
+
+
+def test_claim_is_exclusive(ctx):
+    job_id = _job(ctx, state="queued")
+    assert runner.claim(ctx, job_id, "t1") and not runner.claim(ctx, job_id, "t2")
+    with ctx.db.session() as session:
+        session.get(Job, job_id).heartbeat_at = utcnow() - timedelta(seconds=60)
+        session.commit()
+    assert runner.claim(ctx, job_id, "t3")  # the first holder stopped heart-beating
+    assert _get(ctx, job_id).run_token == "t3"
+
+
+def test_recovery_requeues_lost_jobs(ctx):
+    stale = utcnow() - timedelta(seconds=60)
+    lost = _job(ctx, id="a" * 32, state="running", heartbeat_at=stale, run_token="x")
+    alive = _job(ctx, id="b" * 32, state="running", heartbeat_at=utcnow(), run_token="y")
+    unsent = _job(ctx, id="c" * 32, state="queued", created_at=stale)
+    done = _job(ctx, id="d" * 32, state="succeeded", created_at=stale)
+    resent = recover(ctx.db, ctx.celery, ctx.settings.stale_after, ctx.settings.requeue_queued_after)
+    assert sorted(resent) == sorted([lost, unsent])
+    assert _get(ctx, lost).state == "queued" and _get(ctx, alive).state == "running"
+    assert _get(ctx, done).state == "succeeded" and _messages(ctx) == 2
+    assert recover(ctx.db, ctx.celery, ctx.settings.stale_after, ctx.settings.requeue_queued_after) == []

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh Debian/Ubuntu machine with Python 3.11:
+#   - a virtual environment in .venv with the CPU build of torch and everything else from pyproject.toml;
+#   - with root and apt (or TTASEG_APT=1): Orthanc + DICOMweb plugin and dicom3tools for the PACS tests.
+# GPU hosts: set TTASEG_GPU=1 to install onnxruntime-gpu instead of onnxruntime (torch CUDA wheels: see Dockerfile).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+if [[ ${TTASEG_APT:-auto} != 0 && $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  if ! command -v Orthanc >/dev/null || ! command -v dciodvfy >/dev/null || ! command -v redis-server >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb dicom3tools redis-server >/dev/null
+  fi
+fi
+[[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q "torch==2.13.0"
+EXTRA=dev
+[[ ${TTASEG_GPU:-0} == 1 ]] && EXTRA=gpu,dev
+.venv/bin/pip install -q -e ".[$EXTRA]"
+echo "set-up done: $(.venv/bin/python -c 'import torch, monai; print("torch", torch.__version__, "monai", monai.__version__)')"
