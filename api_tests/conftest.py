@@ -257,6 +257,12 @@ class Stack:
                 _signal_group(proc, signal.SIGKILL)
                 proc.wait(timeout=10)
         self.workers, self.api = [], None
+        if self.env["TTASEG_BROKER_URL"].startswith("redis://"):
+            import redis
+
+            client = redis.Redis.from_url(self.env["TTASEG_BROKER_URL"])
+            for key in client.scan_iter(match=self.env["TTASEG_REDIS_KEY_PREFIX"] + "*"):
+                client.delete(key)
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import httpx
 import numpy as np
 import pydicom
 import pytest
@@ -77,3 +78,34 @@ def test_dicom_series(stack, data_root, tmp_path, as_zip):
             for item in series.ReferencedInstanceSequence
         }
         assert referenced <= source_uids and referenced
+
+
+def test_study_pushed_by_pacs_then_segmented_by_study_uid(stack, data_root):
+    folder = data_root / "dicom" / "prostate3t_t2" / "Prostate3T-03-0002"
+    boundary = "ttaseg-stow"
+    body = (
+        b"".join(
+            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + f.read_bytes() + b"\r\n"
+            for f in sorted(folder.iterdir())
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
+    stow_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
+    study_uid = pydicom.dcmread(sorted(folder.iterdir())[0], stop_before_pixels=True).StudyInstanceUID
+    with stack.client() as http:
+        anonymous = httpx.post(
+            f"{stack.base_url}/dicomweb/studies", content=body, headers={"Content-Type": stow_type}
+        )
+        assert anonymous.status_code == 401
+        stored = http.post("/dicomweb/studies", content=body, headers={"Content-Type": stow_type})
+        assert stored.status_code == 200, stored.text
+        response = http.post(
+            "/v1/jobs", json={"study_uid": study_uid, "model": "phantom", "adaptation": "none"}
+        )
+        assert response.status_code == 202, response.text
+    job = stack.wait_job(response.json()["id"], timeout=300)
+    assert job["state"] == "succeeded" and job["source"] == "dicomweb", job
+    assert [s["kind"] for s in job["scans"]] == ["dicom"]
+    assert job["scans"][0]["files"] == len(list(folder.iterdir()))
+    with stack.client() as http:
+        assert http.get(job["scans"][0]["links"]["dicom_seg"]).status_code == 200

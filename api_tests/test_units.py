@@ -197,3 +197,26 @@ def test_recovery_requeues_lost_jobs(ctx):
     assert _get(ctx, lost).state == "queued" and _get(ctx, alive).state == "running"
     assert _get(ctx, done).state == "succeeded" and _messages(ctx) == 2
     assert recover(ctx.db, ctx.celery, ctx.settings.stale_after, ctx.settings.requeue_queued_after) == []
+
+
+def test_input_and_bundle_errors_map_to_422(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from models.bundle import BundleError
+    from models.io import InputError
+    from service.app import create_app
+
+    app = create_app(Settings(data_dir=tmp_path, broker_url="filesystem://"))
+
+    @app.get("/boom/{kind}")
+    def boom(kind: str) -> None:
+        raise {
+            "input": InputError("scan is 2D"),
+            "bundle": BundleError("bundle corrupt"),
+            "bug": ValueError("x"),
+        }[kind]
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.get("/boom/input").json() == {"detail": "scan is 2D"}
+        assert client.get("/boom/bundle").status_code == 422
+        assert client.get("/boom/bug").status_code == 500  # a genuine bug is not disguised as bad input

@@ -39,8 +39,14 @@ def machine() -> dict:
     """What the numbers were measured on."""
     import torch
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -51,7 +57,9 @@ def machine() -> dict:
     }
 
 
-def run_method(bundle: str, inputs: list[Path], method: str, steps: int | None, device: str, out: Path) -> dict:
+def run_method(
+    bundle: str, inputs: list[Path], method: str, steps: int | None, device: str, out: Path
+) -> dict:
     """Adapt + segment in this process; returns seconds, peak RSS and per-scan signals."""
     from models.bundle import resolve_bundle
     from models.pipeline import segment_batch
@@ -83,14 +91,22 @@ def score(pred_dir: Path, label_dir: Path, labels: dict[int, str]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--task", choices=sorted(TASKS), default="bssfp-lge")
     parser.add_argument("--methods", nargs="+", default=["none", "norm", "tent", "mpl"])
-    parser.add_argument("--steps", type=int, default=None, help="adaptation steps for tent/mpl (default: shipped)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="adaptation steps for tent/mpl (default: shipped)"
+    )
     parser.add_argument("--bundle", default=None, help="bundle name or folder (default: the task's)")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N target scans (labelled first)")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="use only the first N target scans (labelled first)"
+    )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<task>.json)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default benchmarks/results/<task>.json)"
+    )
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "OUTDIR", "INPUTS_JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     bundle_name, image_rel, label_rel = TASKS[args.task]
@@ -110,16 +126,35 @@ def main() -> None:
     inputs = sorted((DATA / image_rel).iterdir(), key=lambda p: (case_name(p) not in labelled, p.name))
     inputs = inputs[: args.limit] if args.limit else inputs
     card = resolve_bundle(bundle).card
-    report = {"task": args.task, "bundle": f"{card.name}:{card.version}", "batch_size": len(inputs),
-              "labelled_scans": sorted(labelled & {case_name(p) for p in inputs}), "machine": machine(),
-              "command": " ".join(["python -m benchmarks.adaptation", *sys.argv[1:]]), "methods": {}}
+    report = {
+        "task": args.task,
+        "bundle": f"{card.name}:{card.version}",
+        "batch_size": len(inputs),
+        "labelled_scans": sorted(labelled & {case_name(p) for p in inputs}),
+        "machine": machine(),
+        "command": " ".join(["python -m benchmarks.adaptation", *sys.argv[1:]]),
+        "methods": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         inputs_json = Path(tmp) / "inputs.json"
         inputs_json.write_text(json.dumps([str(p) for p in inputs]))
         for method in args.methods:
             out = Path(tmp) / method
-            cmd = [sys.executable, "-m", "benchmarks.adaptation", "--task", args.task, "--bundle", bundle,
-                   "--device", args.device, "--one", method, str(out), str(inputs_json)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.adaptation",
+                "--task",
+                args.task,
+                "--bundle",
+                bundle,
+                "--device",
+                args.device,
+                "--one",
+                method,
+                str(out),
+                str(inputs_json),
+            ]
             if args.steps is not None:
                 cmd[3:3] = ["--steps", str(args.steps)]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -129,8 +164,11 @@ def main() -> None:
             run["metrics"] = score(out, label_dir, card.labels)
             report["methods"][method] = run
             m = run["metrics"]["mean"]["mean"]
-            print(f"{method:5s} Dice {m['dice']:.3f} HD95 {m['hd95']:.1f} mm  {run['seconds_total']:.0f} s  "
-                  f"{run['peak_rss_mb']:.0f} MB", flush=True)
+            print(
+                f"{method:5s} Dice {m['dice']:.3f} HD95 {m['hd95']:.1f} mm  {run['seconds_total']:.0f} s  "
+                f"{run['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
     print_table(report)
     out = args.out or RESULTS / f"{args.task}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -142,22 +180,44 @@ def print_table(report: dict) -> None:
     """Markdown table: Dice per structure, mean Dice, HD95, time and memory per method."""
     methods = report["methods"]
     structures = [s for s in next(iter(methods.values()))["metrics"]["mean"] if s != "mean"]
-    head = ["method", *[f"Dice {s}" for s in structures], "mean Dice", "HD95 mm", "adapt s", "segment s", "peak MB",
-            "fallbacks"]
-    print(f"\n{report['task']}: {report['bundle']}, batch of {report['batch_size']} scans, "
-          f"Dice on {len(report['labelled_scans'])} labelled\n")
+    head = [
+        "method",
+        *[f"Dice {s}" for s in structures],
+        "mean Dice",
+        "HD95 mm",
+        "adapt s",
+        "segment s",
+        "peak MB",
+        "fallbacks",
+    ]
+    print(
+        f"\n{report['task']}: {report['bundle']}, batch of {report['batch_size']} scans, "
+        f"Dice on {len(report['labelled_scans'])} labelled\n"
+    )
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for name, run in methods.items():
         mean = run["metrics"]["mean"]
         fallbacks = sum(1 for s in run["scans"].values() if s["fallback"])
-        row = [name, *[f"{mean[s]['dice']:.3f}" for s in structures], f"**{mean['mean']['dice']:.3f}**",
-               f"{mean['mean']['hd95']:.1f}", f"{run['seconds_adapt']:.0f}", f"{run['seconds_segment']:.0f}",
-               f"{run['peak_rss_mb']:.0f}", str(fallbacks)]
+        row = [
+            name,
+            *[f"{mean[s]['dice']:.3f}" for s in structures],
+            f"**{mean['mean']['dice']:.3f}**",
+            f"{mean['mean']['hd95']:.1f}",
+            f"{run['seconds_adapt']:.0f}",
+            f"{run['seconds_segment']:.0f}",
+            f"{run['peak_rss_mb']:.0f}",
+            str(fallbacks),
+        ]
         print("| " + " | ".join(row) + " |")
-    per_case = {n: [np.mean([v["dice"] for v in c.values()]) for c in r["metrics"]["cases"].values()]
-                for n, r in methods.items()}
-    print("\nper labelled scan, mean Dice: " + "; ".join(f"{n} {np.round(v, 3).tolist()}" for n, v in per_case.items()))
+    per_case = {
+        n: [np.mean([v["dice"] for v in c.values()]) for c in r["metrics"]["cases"].values()]
+        for n, r in methods.items()
+    }
+    print(
+        "\nper labelled scan, mean Dice: "
+        + "; ".join(f"{n} {np.round(v, 3).tolist()}" for n, v in per_case.items())
+    )
 
 
 if __name__ == "__main__":

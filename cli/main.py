@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +16,7 @@ app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_show_loc
 console = Console(stderr=True)
 
 
-class Method(str, Enum):
+class Method(StrEnum):
     none = "none"
     norm = "norm"
     tent = "tent"
@@ -29,13 +29,17 @@ def _labels_file(path: Path) -> dict[int, str]:
 
 @app.command()
 def segment(
-    inputs: Annotated[list[Path], typer.Argument(help="NIfTI/NRRD/MHA files or DICOM series folders: one batch")],
+    inputs: Annotated[
+        list[Path], typer.Argument(help="NIfTI/NRRD/MHA files or DICOM series folders: one batch")
+    ],
     model: Annotated[str, typer.Option(help="bundle name[:version] or bundle folder")] = "cardiac-bssfp",
     adapt: Annotated[Method, typer.Option(help="test-time adaptation method")] = Method.mpl,
     steps: Annotated[int | None, typer.Option(help="adaptation steps (default: the method's)")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     out: Annotated[Path, typer.Option(help="output folder: <case>.nii.gz and <case>.json")] = Path("out"),
-    save_adapted: Annotated[Path | None, typer.Option(help="also save the adapted model as a bundle here")] = None,
+    save_adapted: Annotated[
+        Path | None, typer.Option(help="also save the adapted model as a bundle here")
+    ] = None,
     uncertainty: Annotated[bool, typer.Option(help="also write <case>_uncertainty.nii.gz")] = False,
 ) -> None:
     """Adapt the model to all INPUTS together (without labels), then segment each onto its own grid."""
@@ -45,20 +49,42 @@ def segment(
 
     try:
         bundle = resolve_bundle(model)
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                      TimeElapsedColumn(), console=console) as bar:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as bar:
             tasks = {p: bar.add_task(p, total=100) for p in ("adapting", "segmenting")}
             results = segment_batch(
-                inputs, bundle, out, adapt.value, steps, device,
+                inputs,
+                bundle,
+                out,
+                adapt.value,
+                steps,
+                device,
                 progress=lambda phase, pct: bar.update(tasks[phase], completed=pct),
-                save_adapted=save_adapted, uncertainty=uncertainty,
+                save_adapted=save_adapted,
+                uncertainty=uncertainty,
             )
     except (InputError, BundleError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
-    table = Table("case", "fallback", "seconds", *next(iter(results)).volumes_ml.keys(), title=f"{bundle.ref} / {adapt.value}")
+    table = Table(
+        "case",
+        "fallback",
+        "seconds",
+        *next(iter(results)).volumes_ml.keys(),
+        title=f"{bundle.ref} / {adapt.value}",
+    )
     for r in results:
-        table.add_row(r.case, r.fallback_reason or "no", f"{r.seconds:.1f}", *(f"{v:.1f} mL" for v in r.volumes_ml.values()))
+        table.add_row(
+            r.case,
+            r.fallback_reason or "no",
+            f"{r.seconds:.1f}",
+            *(f"{v:.1f} mL" for v in r.volumes_ml.values()),
+        )
     Console().print(table)
 
 
@@ -116,7 +142,14 @@ def train(
     cases = [load_case(i, lab, cfg.target_spacing, cfg.normalisation, len(names)) for i, lab in pairs]
     train_cases, held = (cases[:-val_cases], cases[-val_cases:]) if val_cases else (cases, [])
     bundle = train_source(
-        train_cases, held, names, work, out, name, cfg, pretrained,
+        train_cases,
+        held,
+        names,
+        work,
+        out,
+        name,
+        cfg,
+        pretrained,
         {"images": str(images), "labels": str(labels) if labels else None},
     )
     console.print(f"wrote {bundle} validation Dice {bundle.card.validation.get('dice_mean'):.3f}")
@@ -134,7 +167,9 @@ def pretrain(
     from trainer.train import TrainConfig, pretrain_mae
 
     cfg = TrainConfig(steps=steps, seed=seed)
-    cases = [load_case(f, None, cfg.target_spacing, cfg.normalisation) for d in folders for f in image_files(d)]
+    cases = [
+        load_case(f, None, cfg.target_spacing, cfg.normalisation) for d in folders for f in image_files(d)
+    ]
     console.print(f"wrote {pretrain_mae(cases, work, cfg)}")
 
 
@@ -164,6 +199,11 @@ def list_models() -> None:
 
     table = Table("model", "modality", "labels", "validation Dice", "path")
     for b in list_bundles():
-        table.add_row(b.ref, b.card.modality, ", ".join(b.card.labels.values()),
-                      f"{b.card.validation.get('dice_mean', float('nan')):.3f}", str(b.path))
+        table.add_row(
+            b.ref,
+            b.card.modality,
+            ", ".join(b.card.labels.values()),
+            f"{b.card.validation.get('dice_mean', float('nan')):.3f}",
+            str(b.path),
+        )
     Console().print(table)

@@ -101,7 +101,12 @@ def _entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _tent(
-    net: GlobalLocalUNet, volumes: Sequence[np.ndarray], patch, cfg: AdaptConfig, steps: int, progress: Progress
+    net: GlobalLocalUNet,
+    volumes: Sequence[np.ndarray],
+    patch,
+    cfg: AdaptConfig,
+    steps: int,
+    progress: Progress,
 ) -> AdaptResult:
     reestimate_norm_statistics(net, volumes, patch, cfg)
     params = [p for bn in _batchnorms(net) for p in (bn.weight, bn.bias) if p is not None]
@@ -168,7 +173,12 @@ def _settled(history: list[dict[str, float]], cfg: AdaptConfig) -> bool:
 
 
 def _mpl(
-    net: GlobalLocalUNet, volumes: Sequence[np.ndarray], patch, cfg: AdaptConfig, steps: int, progress: Progress
+    net: GlobalLocalUNet,
+    volumes: Sequence[np.ndarray],
+    patch,
+    cfg: AdaptConfig,
+    steps: int,
+    progress: Progress,
 ) -> AdaptResult:
     if cfg.mpl_norm_statistics:
         reestimate_norm_statistics(net, volumes, patch, cfg)
@@ -200,7 +210,9 @@ def _mpl(
         for masked, (loc_in, glob_in) in ((True, (local * mask_l, gview * mask_g)), (False, (local, gview))):
             s_out = student(loc_in, glob_in, box)
             loss = loss + _pseudo_label_loss(s_out.local_logits, pseudo_l, w_l, cfg.dice_weight)
-            loss = loss + cfg.global_weight * _pseudo_label_loss(s_out.global_logits, pseudo_g, w_g, cfg.dice_weight)
+            loss = loss + cfg.global_weight * _pseudo_label_loss(
+                s_out.global_logits, pseudo_g, w_g, cfg.dice_weight
+            )
             loss = loss + cfg.cosine_weight * cosine_consistency(s_out.local_features, s_out.global_context)
             if not masked:
                 agreement = float((s_out.local_logits.argmax(1) == pseudo_l).float().mean())

@@ -100,7 +100,8 @@ def load_bundle(path: str | Path) -> Bundle:
     try:
         card = ModelCard.model_validate_json(card_path.read_text())
     except ValidationError as exc:
-        raise BundleError(f"{card_path}: invalid model card: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}")
+        first = exc.errors()[0]
+        raise BundleError(f"{card_path}: invalid model card: {first['msg']} at {first['loc']}") from exc
     for fname, expected in ((WEIGHTS_FILE, card.weights_sha256), (ONNX_FILE, card.onnx_sha256)):
         f = path / fname
         if not f.is_file():
@@ -132,7 +133,9 @@ def resolve_bundle(spec: str | Path, root: str | Path | None = None) -> Bundle:
     if Path(spec).is_dir():
         return load_bundle(spec)
     name, _, version = str(spec).partition(":")
-    matches = [b for b in list_bundles(root) if b.card.name == name and (not version or b.card.version == version)]
+    matches = [
+        b for b in list_bundles(root) if b.card.name == name and (not version or b.card.version == version)
+    ]
     if not matches:
         known = ", ".join(sorted({b.ref for b in list_bundles(root)})) or "none"
         raise BundleError(f"unknown model {spec!r}; available: {known}")
@@ -155,7 +158,12 @@ def export_onnx(net: GlobalLocalUNet, patch: tuple[int, int, int], path: Path) -
         str(path),
         input_names=["local", "global_view", "box"],
         output_names=["logits"],
-        dynamic_axes={"local": {0: "batch"}, "global_view": {0: "batch"}, "box": {0: "batch"}, "logits": {0: "batch"}},
+        dynamic_axes={
+            "local": {0: "batch"},
+            "global_view": {0: "batch"},
+            "box": {0: "batch"},
+            "logits": {0: "batch"},
+        },
         opset_version=ONNX_OPSET,
         dynamo=False,
     )

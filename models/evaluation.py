@@ -23,7 +23,9 @@ def evaluate_case(pred: sitk.Image, ref: sitk.Image, labels: dict[int, str]) -> 
     spacing = ref.GetSpacing()[::-1]  # array axes are (z, y, x)
     dice = compute_dice(p, r, include_background=False, ignore_empty=True)[0]
     hd95 = compute_hausdorff_distance(p, r, include_background=False, percentile=95, spacing=spacing)[0]
-    assd = compute_average_surface_distance(p, r, include_background=False, symmetric=True, spacing=spacing)[0]
+    assd = compute_average_surface_distance(p, r, include_background=False, symmetric=True, spacing=spacing)[
+        0
+    ]
     out = {}
     for i, k in enumerate(k for k in sorted(labels) if k != 0):
         out[labels[k]] = {"dice": float(dice[i]), "hd95": float(hd95[i]), "assd": float(assd[i])}

@@ -31,7 +31,9 @@ def implausible_change(
         if v_src >= cfg.min_volume_ml and not (
             v_src / cfg.max_volume_factor <= v_ad <= v_src * cfg.max_volume_factor
         ):
-            return f"{name} volume changed beyond x{cfg.max_volume_factor:g} ({v_src:.1f} mL -> {v_ad:.1f} mL)"
+            return (
+                f"{name} volume changed beyond x{cfg.max_volume_factor:g} ({v_src:.1f} mL -> {v_ad:.1f} mL)"
+            )
     return None
 
 

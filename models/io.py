@@ -106,12 +106,16 @@ def read_image(
         try:
             image = sitk.ReadImage(str(single))
         except RuntimeError as exc:
-            raise InputError(f"{single.name}: not a readable image (corrupt or truncated): {_first_line(exc)}") from exc
+            raise InputError(
+                f"{single.name}: not a readable image (corrupt or truncated): {_first_line(exc)}"
+            ) from exc
     else:
         image = _read_dicom_series(paths, series_uid)
     if image.GetDimension() == 4:
         if frame is None:
-            raise InputError(f"4D image of size {image.GetSize()}: choose a frame (0..{image.GetSize()[3] - 1})")
+            raise InputError(
+                f"4D image of size {image.GetSize()}: choose a frame (0..{image.GetSize()[3] - 1})"
+            )
         if not 0 <= frame < image.GetSize()[3]:
             raise InputError(f"frame {frame} out of range 0..{image.GetSize()[3] - 1}")
         size = list(image.GetSize())

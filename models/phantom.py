@@ -13,7 +13,10 @@ PHANTOM_LABELS = {0: "background", 1: "core", 2: "shell"}
 PHANTOM_SPACING = (1.5, 1.5, 3.0)
 PHANTOM_PATCH = (8, 32, 32)
 PHANTOM_NETWORK = NetworkConfig(
-    out_channels=3, channels=(4, 8, 16), kernels=((1, 3, 3), (3, 3, 3), (3, 3, 3)), strides=((1, 1, 1), (1, 2, 2), (2, 2, 2))
+    out_channels=3,
+    channels=(4, 8, 16),
+    kernels=((1, 3, 3), (3, 3, 3), (3, 3, 3)),
+    strides=((1, 1, 1), (1, 2, 2), (2, 2, 2)),
 )
 
 
@@ -30,7 +33,11 @@ def phantom(
     z, y, x = np.meshgrid(
         np.arange(nz) * spacing[2], np.arange(ny) * spacing[1], np.arange(nx) * spacing[0], indexing="ij"
     )
-    c = [nz * spacing[2] / 2, ny * spacing[1] / 2 + rng.uniform(-6, 6), nx * spacing[0] / 2 + rng.uniform(-6, 6)]
+    c = [
+        nz * spacing[2] / 2,
+        ny * spacing[1] / 2 + rng.uniform(-6, 6),
+        nx * spacing[0] / 2 + rng.uniform(-6, 6),
+    ]
     r = rng.uniform(9, 13)
     d = np.sqrt(((z - c[0]) / 1.6) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2)
     labels = np.zeros(d.shape, np.uint8)

@@ -43,14 +43,17 @@ def resolve_device(device: str) -> str:
     return "cuda" if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
 
 
-def load_scans(inputs: Sequence[str | Path], bundle: Bundle, case_names: Sequence[str] | None) -> list[PreparedScan]:
+def load_scans(
+    inputs: Sequence[str | Path], bundle: Bundle, case_names: Sequence[str] | None
+) -> list[PreparedScan]:
     """Read, validate and prepare every input; case names must be unique."""
     names = list(case_names) if case_names else [case_name(p) for p in inputs]
     if len(set(names)) != len(names):
         raise ValueError(f"case names must be unique, got {names}")
     card = bundle.card
     return [
-        prepare(read_image(p), n, card.target_spacing, card.normalisation) for p, n in zip(inputs, names, strict=True)
+        prepare(read_image(p), n, card.target_spacing, card.normalisation)
+        for p, n in zip(inputs, names, strict=True)
     ]
 
 
@@ -95,9 +98,17 @@ def segment_batch(
         if method != "none":
             net = bundle.load_network(device)
             adapted = adapt(
-                net, [s.array for s in scans], patch, method, steps, adapt_config, lambda p: progress("adapting", p)
+                net,
+                [s.array for s in scans],
+                patch,
+                method,
+                steps,
+                adapt_config,
+                lambda p: progress("adapting", p),
             )
-            predictor = onnx_predictor(onnx_session(export_onnx(adapted.net, patch, Path(tmp) / "a.onnx"), device))
+            predictor = onnx_predictor(
+                onnx_session(export_onnx(adapted.net, patch, Path(tmp) / "a.onnx"), device)
+            )
             if save_adapted:
                 save_adapted_bundle(bundle, adapted, [s.case for s in scans], save_adapted)
         progress("adapting", 100.0)
@@ -106,8 +117,18 @@ def segment_batch(
         for i, scan in enumerate(scans):
             start = time.perf_counter()
             results.append(
-                _segment_one(scan, card.labels, patch, source, predictor if adapted else None, out_dir, guard_config,
-                             uncertainty, method, adapted)
+                _segment_one(
+                    scan,
+                    card.labels,
+                    patch,
+                    source,
+                    predictor if adapted else None,
+                    out_dir,
+                    guard_config,
+                    uncertainty,
+                    method,
+                    adapted,
+                )
             )
             results[-1].seconds = round(time.perf_counter() - start, 3)
             _write_json(results[-1], bundle, method, adapted)
@@ -173,7 +194,9 @@ def _write_json(result: ScanResult, bundle: Bundle, method: str, adapted: AdaptR
     result.json_path.write_text(json.dumps(record, indent=2) + "\n")
 
 
-def save_adapted_bundle(bundle: Bundle, adapted: AdaptResult, cases: Sequence[str], out_dir: str | Path) -> Bundle:
+def save_adapted_bundle(
+    bundle: Bundle, adapted: AdaptResult, cases: Sequence[str], out_dir: str | Path
+) -> Bundle:
     """Save the adapted network as a new bundle whose card names its parent and the batch."""
     card = bundle.card
     parent = {
@@ -185,5 +208,7 @@ def save_adapted_bundle(bundle: Bundle, adapted: AdaptResult, cases: Sequence[st
         "batch": list(cases),
     }
     batch_id = hashlib.sha256("\n".join(cases).encode()).hexdigest()[:8]
-    new_card = card.model_copy(update={"version": f"{card.version}-{adapted.method}-{batch_id}", "parent": parent})
+    new_card = card.model_copy(
+        update={"version": f"{card.version}-{adapted.method}-{batch_id}", "parent": parent}
+    )
     return save_bundle(adapted.net, new_card, out_dir)

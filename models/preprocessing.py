@@ -116,9 +116,11 @@ def pad_to_patch(array: np.ndarray, patch: Sequence[int]) -> tuple[np.ndarray, t
         before = total // 2
         pads.append((before, total - before))
         crop.append(slice(before, before + n))
-    padded = np.pad(array, pads, mode="constant", constant_values=float(array.min())) if any(
-        sum(p) for p in pads
-    ) else array
+    padded = (
+        np.pad(array, pads, mode="constant", constant_values=float(array.min()))
+        if any(sum(p) for p in pads)
+        else array
+    )
     return padded, tuple(crop)
 
 

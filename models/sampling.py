@@ -23,7 +23,9 @@ class Views:
     global_labels: torch.Tensor | None = None
 
 
-def patch_start(shape: Sequence[int], patch: Sequence[int], rng: np.random.Generator, centre=None) -> list[int]:
+def patch_start(
+    shape: Sequence[int], patch: Sequence[int], rng: np.random.Generator, centre=None
+) -> list[int]:
     """Start of a patch inside ``shape``: around ``centre`` (z, y, x) when given, else uniformly random."""
     starts = []
     for i, (n, p) in enumerate(zip(shape, patch, strict=True)):

@@ -336,9 +336,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": _validation_text(exc.errors())}, status_code=422)
 
     @app.exception_handler(ValueError)
-    async def _value_error(request: Request, exc: ValueError) -> JSONResponse:
-        # InputError and BundleError are ValueErrors carrying a user-facing message.
-        log.info("bad request %s %s: %s", request.method, request.url.path, exc)
+    async def _input_error(request: Request, exc: ValueError) -> JSONResponse:
+        """InputError and BundleError (ValueErrors with a user-facing message) are the client's: 422."""
+        from models.bundle import BundleError
+        from models.io import InputError
+
+        if not isinstance(exc, InputError | BundleError):
+            raise exc
+        log.info("bad input %s %s: %s", request.method, request.url.path, exc)
         return JSONResponse({"detail": str(exc)}, status_code=422)
 
     register_routes(app)

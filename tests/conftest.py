@@ -36,8 +36,14 @@ def phantom_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_config() -> TrainConfig:
     return TrainConfig(
-        target_spacing=PHANTOM_SPACING, patch_size=PHANTOM_PATCH, network=PHANTOM_NETWORK, steps=150,
-        batch_size=4, lr=1e-2, val_every=75, mask_block=(2, 8, 8),
+        target_spacing=PHANTOM_SPACING,
+        patch_size=PHANTOM_PATCH,
+        network=PHANTOM_NETWORK,
+        steps=150,
+        batch_size=4,
+        lr=1e-2,
+        val_every=75,
+        mask_block=(2, 8, 8),
     )
 
 
@@ -46,7 +52,9 @@ def tiny_bundle(tmp_path_factory, phantom_dir, tiny_config) -> Bundle:
     """A 3-class bundle trained for a few seconds on phantoms (validation Dice in its card)."""
     images = sorted((phantom_dir / "images").iterdir())
     cases = [
-        load_case(p, phantom_dir / "labels" / p.name, tiny_config.target_spacing, tiny_config.normalisation, 3)
+        load_case(
+            p, phantom_dir / "labels" / p.name, tiny_config.target_spacing, tiny_config.normalisation, 3
+        )
         for p in images
     ]
     out = tmp_path_factory.mktemp("bundles")

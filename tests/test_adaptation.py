@@ -28,7 +28,9 @@ def _dice(pred_dir, pairs):
         ref = sitk.GetArrayFromImage(sitk.ReadImage(str(lab)))
         out = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir / img.name)))
         for k in (1, 2):
-            scores.append(2 * np.logical_and(ref == k, out == k).sum() / ((ref == k).sum() + (out == k).sum()))
+            scores.append(
+                2 * np.logical_and(ref == k, out == k).sum() / ((ref == k).sum() + (out == k).sum())
+            )
     return float(np.mean(scores))
 
 
@@ -93,8 +95,15 @@ def test_guard_rules():
 def test_adapted_bundle_names_its_parent(tiny_bundle, shifted, tmp_path):
     from models.bundle import load_bundle
 
-    segment_batch([p for p, _ in shifted[:2]], tiny_bundle, tmp_path / "o", method="tent", steps=2,
-                  save_adapted=tmp_path / "adapted", adapt_config=FAST)
+    segment_batch(
+        [p for p, _ in shifted[:2]],
+        tiny_bundle,
+        tmp_path / "o",
+        method="tent",
+        steps=2,
+        save_adapted=tmp_path / "adapted",
+        adapt_config=FAST,
+    )
     adapted = load_bundle(tmp_path / "adapted")
     assert adapted.card.parent["name"] == "phantom"
     assert adapted.card.parent["batch"] == ["case00", "case01"]

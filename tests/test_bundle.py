@@ -30,7 +30,9 @@ def test_onnx_matches_pytorch(tiny_bundle):
     box = torch.tensor([[0.0, 0.1, 0.2, 1.0, 0.6, 0.9], [0.2, 0.0, 0.0, 0.9, 1.0, 0.5]])
     with torch.no_grad():
         expected = net(local, gview, box).local_logits.numpy()
-    got = session.run(["logits"], {"local": local.numpy(), "global_view": gview.numpy(), "box": box.numpy()})[0]
+    got = session.run(["logits"], {"local": local.numpy(), "global_view": gview.numpy(), "box": box.numpy()})[
+        0
+    ]
     assert np.abs(got - expected).max() < 1e-4
 
 

@@ -18,8 +18,20 @@ runner = CliRunner()
 def test_segment_then_evaluate(tiny_bundle, phantom_dir, tmp_path):
     images = sorted((phantom_dir / "images").iterdir())[6:]
     out = tmp_path / "out"
-    result = runner.invoke(app, ["segment", *map(str, images), "--model", str(tiny_bundle.path), "--adapt", "none",
-                                 "--out", str(out), "--uncertainty"])
+    result = runner.invoke(
+        app,
+        [
+            "segment",
+            *map(str, images),
+            "--model",
+            str(tiny_bundle.path),
+            "--adapt",
+            "none",
+            "--out",
+            str(out),
+            "--uncertainty",
+        ],
+    )
     assert result.exit_code == 0, result.output
     for img in images:
         pred = sitk.ReadImage(str(out / img.name))
@@ -28,8 +40,20 @@ def test_segment_then_evaluate(tiny_bundle, phantom_dir, tmp_path):
     names = tmp_path / "labels.json"
     names.write_text(json.dumps({"0": "background", "1": "core", "2": "shell"}))
     metrics = tmp_path / "m.json"
-    result = runner.invoke(app, ["evaluate", "--pred", str(out), "--labels", str(phantom_dir / "labels"),
-                                 "--label-names", str(names), "--json", str(metrics)])
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--pred",
+            str(out),
+            "--labels",
+            str(phantom_dir / "labels"),
+            "--label-names",
+            str(names),
+            "--json",
+            str(metrics),
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(metrics.read_text())
     assert set(summary["cases"]) == {"case06", "case07"}
@@ -40,10 +64,23 @@ def test_segment_then_evaluate(tiny_bundle, phantom_dir, tmp_path):
 def test_bad_input_and_unknown_model_exit_with_reason(tiny_bundle, tmp_path):
     flat = tmp_path / "flat.nii.gz"
     sitk.WriteImage(sitk.Image(16, 16, 4, sitk.sitkInt16), str(flat))
-    result = runner.invoke(app, ["segment", str(flat), "--model", str(tiny_bundle.path), "--adapt", "none",
-                                 "--out", str(tmp_path / "o")])
+    result = runner.invoke(
+        app,
+        [
+            "segment",
+            str(flat),
+            "--model",
+            str(tiny_bundle.path),
+            "--adapt",
+            "none",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert result.exit_code == 2 and "constant" in result.output
-    result = runner.invoke(app, ["segment", str(flat), "--model", "no-such-model", "--out", str(tmp_path / "o")])
+    result = runner.invoke(
+        app, ["segment", str(flat), "--model", "no-such-model", "--out", str(tmp_path / "o")]
+    )
     assert result.exit_code == 2 and "unknown model" in result.output
 
 

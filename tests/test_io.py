@@ -60,8 +60,12 @@ def test_two_series_in_one_folder_must_be_chosen(data_dir, tmp_path):
             shutil.copy(f, tmp_path / f"{name}-{f.name}")
     with pytest.raises(InputError, match="several DICOM series"):
         read_image(tmp_path)
-    uid = pydicom.dcmread(next(tmp_path.glob("Prostate3T-03-0002-*")), stop_before_pixels=True).SeriesInstanceUID
-    assert read_image(tmp_path, series_uid=uid).GetSize()[2] == len(list(tmp_path.glob("Prostate3T-03-0002-*")))
+    uid = pydicom.dcmread(
+        next(tmp_path.glob("Prostate3T-03-0002-*")), stop_before_pixels=True
+    ).SeriesInstanceUID
+    assert read_image(tmp_path, series_uid=uid).GetSize()[2] == len(
+        list(tmp_path.glob("Prostate3T-03-0002-*"))
+    )
 
 
 @pytest.mark.parametrize(

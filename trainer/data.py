@@ -53,7 +53,9 @@ def load_case(
         return TrainingCase(scan, None)
     lab_img = sitk.ReadImage(str(label))
     if lab_img.GetSize() != scan.original.GetSize():
-        raise ValueError(f"{label.name}: label size {lab_img.GetSize()} != image size {scan.original.GetSize()}")
+        raise ValueError(
+            f"{label.name}: label size {lab_img.GetSize()} != image size {scan.original.GetSize()}"
+        )
     lab_img.CopyInformation(scan.original)
     arr = labels_to_model_grid(lab_img, scan)
     if n_classes is not None and arr.max() >= n_classes:

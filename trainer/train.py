@@ -59,18 +59,30 @@ def validate(net: GlobalLocalUNet, cases: Sequence[TrainingCase], patch, n_class
     net.eval()
     predict = torch_predictor(net)
     scores = np.array(
-        [mean_dice(predict_volume(c.scan.array, predict, patch).argmax(0), c.labels, n_classes) for c in cases]
+        [
+            mean_dice(predict_volume(c.scan.array, predict, patch).argmax(0), c.labels, n_classes)
+            for c in cases
+        ]
     )
     per_class = np.nanmean(scores, axis=0)
     net.train()
-    return {"dice_mean": float(np.nanmean(per_class)), **{f"dice_{k + 1}": float(v) for k, v in enumerate(per_class)}}
+    return {
+        "dice_mean": float(np.nanmean(per_class)),
+        **{f"dice_{k + 1}": float(v) for k, v in enumerate(per_class)},
+    }
 
 
 def _checkpoint(path: Path, net, opt, sched, step: int, best: dict, history: list) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(
-        {"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
-         "best": best, "history": history},
+        {
+            "net": net.state_dict(),
+            "opt": opt.state_dict(),
+            "sched": sched.state_dict(),
+            "step": step,
+            "best": best,
+            "history": history,
+        },
         tmp,
     )
     tmp.replace(path)
@@ -110,7 +122,9 @@ def train_source(
         state = torch.load(init_weights, map_location="cpu", weights_only=True)
         state = state.get("net", state)
         own = net.state_dict()
-        net.load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False)
+        net.load_state_dict(
+            {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False
+        )
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -141,7 +155,9 @@ def train_source(
         bar.update(1)
         bar.set_postfix(loss=f"{float(loss):.3f}", best=f"{best['dice_mean']:.3f}")
         if step % cfg.val_every == 0 or step == cfg.steps:
-            metrics = validate(net, val_cases, cfg.patch_size, len(labels)) if val_cases else {"dice_mean": 0.0}
+            metrics = (
+                validate(net, val_cases, cfg.patch_size, len(labels)) if val_cases else {"dice_mean": 0.0}
+            )
             history.append({"step": step, "loss": float(loss), **metrics})
             if metrics["dice_mean"] > best["dice_mean"]:
                 best = {"step": step, **metrics}
@@ -190,7 +206,9 @@ def pretrain_mae(cases: Sequence[TrainingCase], work_dir: str | Path, cfg: Train
         rec_l, rec_g = net.reconstruct(v.local * m_l, v.global_view * m_g, v.box)
         hidden_l, hidden_g = 1 - m_l, 1 - m_g
         loss = (F.mse_loss(rec_l, v.local, reduction="none") * hidden_l).sum() / hidden_l.sum().clamp_min(1)
-        loss = loss + (F.mse_loss(rec_g, v.global_view, reduction="none") * hidden_g).sum() / hidden_g.sum().clamp_min(1)
+        loss = loss + (
+            F.mse_loss(rec_g, v.global_view, reduction="none") * hidden_g
+        ).sum() / hidden_g.sum().clamp_min(1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

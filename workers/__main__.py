@@ -17,7 +17,7 @@ def main() -> None:
     migrate(Database(settings.resolved_database_url).engine)
     os.environ.setdefault("TTASEG_DEVICE", settings.resolved_device)
     import models.pipeline  # noqa: F401  (imported once, before the first job)
-    import workers.service  # noqa: F401  (connects the worker signals)
+    import workers.housekeeping  # noqa: F401  (connects the worker signals)
     from workers.tasks import celery_app
 
     queues = ",".join(settings.resolved_worker_queues)
