@@ -2,8 +2,9 @@
 
 Methods, chosen by name:
 - ``none``: the source network as it is.
-- ``norm``: batch-norm statistics re-estimated on the target batch.
-- ``tent``: entropy minimisation on the batch-norm affine parameters (Wang et al., ICLR 2021).
+- ``norm``: batch-norm statistics re-estimated on the target batch (a no-op for instance-normalised networks,
+  which normalise every scan by its own statistics).
+- ``tent``: entropy minimisation on the normalisation layers' affine parameters (Wang et al., ICLR 2021).
 - ``mpl``: masked pseudo-labelling (MAPSeg, CVPR 2024): an EMA teacher labels unmasked global-local views, a
   student learns to reproduce those labels from masked and unmasked views, with the global auxiliary head and a
   local-global cosine term; the teacher follows the student by EMA and is the adapted model.
@@ -64,8 +65,17 @@ class AdaptResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm)
+
+
 def _batchnorms(net: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _norm_affine_parameters(net: nn.Module) -> list[nn.Parameter]:
+    return [
+        p for m in net.modules() if isinstance(m, NORM_LAYERS) for p in (m.weight, m.bias) if p is not None
+    ]
 
 
 def _device(net: nn.Module) -> torch.device:
@@ -76,7 +86,10 @@ def _device(net: nn.Module) -> torch.device:
 def reestimate_norm_statistics(
     net: GlobalLocalUNet, volumes: Sequence[np.ndarray], patch: Sequence[int], cfg: AdaptConfig
 ) -> None:
-    """Replace batch-norm running statistics by their average over views of the target volumes."""
+    """Replace batch-norm running statistics by their average over views of the target volumes.
+
+    Instance-normalised networks already normalise every view by its own statistics: nothing to re-estimate.
+    """
     bns = _batchnorms(net)
     if not bns:
         return
@@ -109,7 +122,7 @@ def _tent(
     progress: Progress,
 ) -> AdaptResult:
     reestimate_norm_statistics(net, volumes, patch, cfg)
-    params = [p for bn in _batchnorms(net) for p in (bn.weight, bn.bias) if p is not None]
+    params = _norm_affine_parameters(net)
     for p in net.parameters():
         p.requires_grad_(False)
     for p in params:

@@ -27,7 +27,12 @@ class NetworkConfig(BaseModel):
     channels: tuple[int, ...] = (16, 32, 64, 128)
     kernels: tuple[tuple[int, int, int], ...] = ((1, 3, 3), (1, 3, 3), (3, 3, 3), (3, 3, 3))
     strides: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (1, 2, 2), (1, 2, 2), (2, 2, 2))
-    norm: str = "batch"
+    norm: str = "instance"
+
+    @property
+    def norm_layer(self) -> tuple:
+        """MONAI norm spec; instance and batch norms get learnable affine parameters (adapted by ``tent``)."""
+        return (self.norm, {"affine": True})
 
 
 class GlobalLocalOutput(NamedTuple):
@@ -65,12 +70,12 @@ class GlobalLocalUNet(nn.Module):
         self.config = cfg = config or NetworkConfig()
         ch, k, s = cfg.channels, cfg.kernels, cfg.strides
         self.encoder = nn.ModuleList(
-            UnetResBlock(3, cfg.in_channels if i == 0 else ch[i - 1], ch[i], k[i], s[i], cfg.norm)
+            UnetResBlock(3, cfg.in_channels if i == 0 else ch[i - 1], ch[i], k[i], s[i], cfg.norm_layer)
             for i in range(len(ch))
         )
-        self.fuse = UnetResBlock(3, 2 * ch[-1], ch[-1], 1, 1, cfg.norm)
+        self.fuse = UnetResBlock(3, 2 * ch[-1], ch[-1], 1, 1, cfg.norm_layer)
         self.decoder = nn.ModuleList(
-            UnetUpBlock(3, ch[i + 1], ch[i], k[i], 1, s[i + 1], cfg.norm)
+            UnetUpBlock(3, ch[i + 1], ch[i], k[i], 1, s[i + 1], cfg.norm_layer)
             for i in reversed(range(len(ch) - 1))
         )
         self.head = UnetOutBlock(3, ch[0], cfg.out_channels)
@@ -95,12 +100,18 @@ class GlobalLocalUNet(nn.Module):
     def features(
         self, local: torch.Tensor, global_view: torch.Tensor, box: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Decoder features of the local patch (fused with global context) and of the global view."""
-        lf = self.encode(local)
-        gf = self.encode(global_view)
-        context = crop_resize(gf[-1], box, lf[-1].shape[2:])
-        fused = self.fuse(torch.cat([lf[-1], context], dim=1))
-        return self.decode(lf, fused), self.decode(gf, gf[-1]), lf[-1], context
+        """Decoder features of the local patch (fused with global context) and of the global view.
+
+        Both views go through the encoder and decoder as one batch, so batch normalisation sees the same mixture
+        of local and global statistics in training, in inference and when statistics are re-estimated.
+        """
+        b = local.shape[0]
+        feats = self.encode(torch.cat([local, global_view], dim=0))
+        local_bottleneck, global_bottleneck = feats[-1][:b], feats[-1][b:]
+        context = crop_resize(global_bottleneck, box, local_bottleneck.shape[2:])
+        fused = self.fuse(torch.cat([local_bottleneck, context], dim=1))
+        decoded = self.decode(feats, torch.cat([fused, global_bottleneck], dim=0))
+        return decoded[:b], decoded[b:], local_bottleneck, context
 
     def forward(self, local: torch.Tensor, global_view: torch.Tensor, box: torch.Tensor) -> GlobalLocalOutput:
         """Segment the local patch with global context, and the global view with the auxiliary head."""

@@ -32,7 +32,11 @@ def phantom(
     z, y, x = np.meshgrid(
         np.arange(nz) * spacing[2], np.arange(ny) * spacing[1], np.arange(nx) * spacing[0], indexing="ij"
     )
-    c = [nz * spacing[2] / 2, ny * spacing[1] / 2 + rng.uniform(-6, 6), nx * spacing[0] / 2 + rng.uniform(-6, 6)]
+    c = [
+        nz * spacing[2] / 2,
+        ny * spacing[1] / 2 + rng.uniform(-6, 6),
+        nx * spacing[0] / 2 + rng.uniform(-6, 6),
+    ]
     r = rng.uniform(9, 13)
     d = np.sqrt(((z - c[0]) / 1.6) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2)
     labels = np.zeros(d.shape, np.uint8)

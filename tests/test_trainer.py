@@ -1,0 +1,68 @@
+"""Offline trainer: masked-autoencoder pretraining learns to reconstruct; training resumes where it stopped."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.network import GlobalLocalUNet
+from models.phantom import PHANTOM_LABELS
+from models.sampling import block_mask, make_views
+from trainer.data import labelled_pairs, load_case
+from trainer.train import pretrain_mae, train_source
+
+
+def _cases(phantom_dir, cfg, labelled=True):
+    return [
+        load_case(i, lab if labelled else None, cfg.target_spacing, cfg.normalisation, 3)
+        for i, lab in labelled_pairs(phantom_dir / "images", phantom_dir / "labels")
+    ]
+
+
+def _masked_error(net, cases, cfg) -> float:
+    rng = np.random.default_rng(123)
+    v = make_views([c.scan.array for c in cases[:4]], cfg.patch_size, rng)
+    mask = block_mask(v.local.shape, cfg.mask_block, cfg.mask_ratio, torch.Generator().manual_seed(1))
+    net.eval()
+    with torch.no_grad():
+        rec, _ = net.reconstruct(v.local * mask, v.global_view * mask, v.box)
+    return float(F.mse_loss(rec * (1 - mask), v.local * (1 - mask)))
+
+
+def test_mae_pretraining_reconstructs_masked_blocks(phantom_dir, tiny_config, tmp_path):
+    cfg = tiny_config.model_copy(update={"steps": 40, "lr": 5e-3})
+    cases = _cases(phantom_dir, cfg, labelled=False)
+    torch.manual_seed(cfg.seed)
+    before = _masked_error(GlobalLocalUNet(cfg.network), cases, cfg)
+    weights = pretrain_mae(cases, tmp_path, cfg)
+    net = GlobalLocalUNet(cfg.network)
+    net.load_state_dict(torch.load(weights, weights_only=True))
+    assert _masked_error(net, cases, cfg) < 0.7 * before
+
+
+def test_training_resumes_from_its_checkpoint(phantom_dir, tiny_config, tmp_path, monkeypatch):
+    import trainer.train as train_module
+
+    cases = _cases(phantom_dir, tiny_config)
+    cfg = tiny_config.model_copy(update={"steps": 6, "val_every": 2})
+    real_validate, calls = train_module.validate, []
+
+    def interrupted_validate(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stopped at step 4, after the step-2 checkpoint
+        return real_validate(*args)
+
+    monkeypatch.setattr(train_module, "validate", interrupted_validate)
+    with pytest.raises(KeyboardInterrupt):
+        train_source(cases[:4], cases[6:], PHANTOM_LABELS, tmp_path / "w", tmp_path / "b", "p", cfg)
+    assert not (tmp_path / "b").exists()
+    monkeypatch.setattr(train_module, "validate", real_validate)
+    bundle = train_source(cases[:4], cases[6:], PHANTOM_LABELS, tmp_path / "w", tmp_path / "b", "p", cfg)
+    steps = [h["step"] for h in json.loads((tmp_path / "w" / "history.json").read_text())]
+    assert steps == [2, 4, 6]
+    assert bundle.card.training["train_cases"] == [c.scan.case for c in cases[:4]]
