@@ -58,9 +58,10 @@ def machine() -> dict:
 
 
 def run_method(
-    bundle: str, inputs: list[Path], method: str, steps: int | None, device: str, out: Path
+    bundle: str, inputs: list[Path], method: str, steps: int | None, device: str, out: Path, overrides: dict
 ) -> dict:
     """Adapt + segment in this process; returns seconds, peak RSS and per-scan signals."""
+    from models.adaptation import AdaptConfig
     from models.bundle import resolve_bundle
     from models.pipeline import segment_batch
 
@@ -71,7 +72,10 @@ def run_method(
         if pct >= 100.0 and phase not in phases:
             phases[phase] = time.perf_counter() - start
 
-    results = segment_batch(inputs, resolve_bundle(bundle), out, method, steps, device, progress=progress)
+    config = AdaptConfig(**overrides)
+    results = segment_batch(
+        inputs, resolve_bundle(bundle), out, method, steps, device, progress=progress, adapt_config=config
+    )
     total = time.perf_counter() - start
     return {
         "method": method,
@@ -90,6 +94,20 @@ def score(pred_dir: Path, label_dir: Path, labels: dict[int, str]) -> dict:
     return evaluate_folders(pred_dir, label_dir, labels)
 
 
+def signal_correlation(run: dict) -> dict[str, float]:
+    """Spearman correlation, over labelled scans, between each label-free quality signal and the real Dice."""
+    from scipy.stats import spearmanr
+
+    cases = run["metrics"]["cases"]
+    dice = [float(np.nanmean([m["dice"] for m in cases[c].values()])) for c in cases]
+    out = {}
+    for signal in next(iter(run["scans"].values()))["quality"]:
+        values = [run["scans"][c]["quality"][signal] for c in cases]
+        rho = spearmanr(values, dice).statistic if len(set(values)) > 1 and len(cases) > 2 else float("nan")
+        out[signal] = round(float(rho), 3)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -104,6 +122,7 @@ def main() -> None:
         "--limit", type=int, default=None, help="use only the first N target scans (labelled first)"
     )
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--config", default="{}", help='AdaptConfig overrides as JSON, e.g. {"lr": 1e-3}')
     parser.add_argument(
         "--out", type=Path, default=None, help="JSON path (default benchmarks/results/<task>.json)"
     )
@@ -115,7 +134,10 @@ def main() -> None:
     if args.one:  # child process: one method
         method, outdir, inputs_json = args.one
         inputs = [Path(p) for p in json.loads(Path(inputs_json).read_text())]
-        print(json.dumps(run_method(bundle, inputs, method, args.steps, args.device, Path(outdir))))
+        overrides = json.loads(args.config)
+        print(
+            json.dumps(run_method(bundle, inputs, method, args.steps, args.device, Path(outdir), overrides))
+        )
         return
 
     from models.bundle import resolve_bundle
@@ -128,6 +150,7 @@ def main() -> None:
     card = resolve_bundle(bundle).card
     report = {
         "task": args.task,
+        "adapt_config_overrides": json.loads(args.config),
         "bundle": f"{card.name}:{card.version}",
         "batch_size": len(inputs),
         "labelled_scans": sorted(labelled & {case_name(p) for p in inputs}),
@@ -150,6 +173,8 @@ def main() -> None:
                 bundle,
                 "--device",
                 args.device,
+                "--config",
+                args.config,
                 "--one",
                 method,
                 str(out),
@@ -162,6 +187,7 @@ def main() -> None:
                 raise SystemExit(f"{method} failed:\n{proc.stderr[-3000:]}")
             run = json.loads(proc.stdout.strip().splitlines()[-1])
             run["metrics"] = score(out, label_dir, card.labels)
+            run["signal_dice_correlation"] = signal_correlation(run)
             report["methods"][method] = run
             m = run["metrics"]["mean"]["mean"]
             print(

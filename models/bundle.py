@@ -195,6 +195,7 @@ def save_bundle(net: GlobalLocalUNet, card: ModelCard, out_dir: str | Path) -> B
         (tmp / CARD_FILE).write_text(json.dumps(card.model_dump(mode="json"), indent=2) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
+        tmp.chmod(0o755)
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

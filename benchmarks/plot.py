@@ -1,0 +1,64 @@
+"""Dice per labelled scan, source model vs each adaptation method, for every benchmark result JSON.
+
+.venv/bin/python -m benchmarks.plot benchmarks/results/bssfp-lge.json benchmarks/results/acdc-bssfp.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def scan_dice(run: dict) -> dict[str, float]:
+    """Mean foreground Dice of every labelled scan of one method's run."""
+    return {
+        case: float(np.nanmean([m["dice"] for m in s.values()]))
+        for case, s in run["metrics"]["cases"].items()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("results", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "dice_per_scan.png")
+    args = parser.parse_args()
+    reports = [json.loads(p.read_text()) for p in args.results]
+    fig, axes = plt.subplots(1, len(reports), figsize=(5.5 * len(reports), 4), squeeze=False)
+    for ax, report in zip(axes[0], reports, strict=True):
+        base = scan_dice(report["methods"]["none"])
+        cases = sorted(base, key=base.get)
+        x = np.arange(len(cases))
+        for name, run in report["methods"].items():
+            dice = scan_dice(run)
+            ax.plot(
+                x,
+                [dice[c] for c in cases],
+                marker="o",
+                label=name,
+                linewidth=2 if name in ("none", "mpl") else 1,
+            )
+        ax.set_xticks(x, cases, rotation=60, ha="right", fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("mean Dice (RV, MYO, LV)")
+        ax.set_title(f"{report['task']} ({report['bundle']})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
