@@ -58,7 +58,14 @@ def machine() -> dict:
 
 
 def run_method(
-    bundle: str, inputs: list[Path], method: str, steps: int | None, device: str, out: Path, overrides: dict
+    bundle: str,
+    inputs: list[Path],
+    method: str,
+    steps: int | None,
+    device: str,
+    out: Path,
+    overrides: dict,
+    largest_component: bool = False,
 ) -> dict:
     """Adapt + segment in this process; returns seconds, peak RSS and per-scan signals."""
     from models.adaptation import AdaptConfig
@@ -74,7 +81,15 @@ def run_method(
 
     config = AdaptConfig(**overrides)
     results = segment_batch(
-        inputs, resolve_bundle(bundle), out, method, steps, device, progress=progress, adapt_config=config
+        inputs,
+        resolve_bundle(bundle),
+        out,
+        method,
+        steps,
+        device,
+        progress=progress,
+        adapt_config=config,
+        largest_component=largest_component,
     )
     total = time.perf_counter() - start
     return {
@@ -122,6 +137,7 @@ def main() -> None:
         "--limit", type=int, default=None, help="use only the first N target scans (labelled first)"
     )
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--largest-component", action="store_true", help="keep one component per structure")
     parser.add_argument("--config", default="{}", help='AdaptConfig overrides as JSON, e.g. {"lr": 1e-3}')
     parser.add_argument(
         "--out", type=Path, default=None, help="JSON path (default benchmarks/results/<task>.json)"
@@ -151,6 +167,7 @@ def main() -> None:
     report = {
         "task": args.task,
         "adapt_config_overrides": json.loads(args.config),
+        "largest_component": args.largest_component,
         "bundle": f"{card.name}:{card.version}",
         "batch_size": len(inputs),
         "labelled_scans": sorted(labelled & {case_name(p) for p in inputs}),
@@ -182,6 +199,8 @@ def main() -> None:
             ]
             if args.steps is not None:
                 cmd[3:3] = ["--steps", str(args.steps)]
+            if args.largest_component:
+                cmd.append("--largest-component")
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if proc.returncode:
                 raise SystemExit(f"{method} failed:\n{proc.stderr[-3000:]}")

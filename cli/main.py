@@ -41,6 +41,9 @@ def segment(
         Path | None, typer.Option(help="also save the adapted model as a bundle here")
     ] = None,
     uncertainty: Annotated[bool, typer.Option(help="also write <case>_uncertainty.nii.gz")] = False,
+    largest_component: Annotated[
+        bool, typer.Option(help="keep only the largest connected component of each structure")
+    ] = False,
 ) -> None:
     """Adapt the model to all INPUTS together (without labels), then segment each onto its own grid."""
     from models.bundle import BundleError, resolve_bundle
@@ -67,6 +70,7 @@ def segment(
                 progress=lambda phase, pct: bar.update(tasks[phase], completed=pct),
                 save_adapted=save_adapted,
                 uncertainty=uncertainty,
+                largest_component=largest_component,
             )
     except (InputError, BundleError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
+from monai.transforms import KeepLargestConnectedComponent
 
 from models.adaptation import AdaptConfig, AdaptResult, adapt
 from models.bundle import Bundle, export_onnx, save_bundle
@@ -80,8 +81,12 @@ def segment_batch(
     adapt_config: AdaptConfig | None = None,
     guard_config: GuardConfig | None = None,
     uncertainty: bool = False,
+    largest_component: bool = False,
 ) -> list[ScanResult]:
-    """Adapt ``bundle`` to all ``inputs`` together, then segment each onto its own grid in ``out_dir``."""
+    """Adapt ``bundle`` to all ``inputs`` together, then segment each onto its own grid in ``out_dir``.
+
+    With ``largest_component`` only the largest connected component of each structure is kept (one heart).
+    """
     progress = progress or (lambda phase, pct: None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -126,14 +131,22 @@ def segment_batch(
                     out_dir,
                     guard_config,
                     uncertainty,
-                    method,
-                    adapted,
+                    largest_component,
                 )
             )
             results[-1].seconds = round(time.perf_counter() - start, 3)
             _write_json(results[-1], bundle, method, adapted)
             progress("segmenting", 100.0 * (i + 1) / len(scans))
     return results
+
+
+def _to_labels(probs: np.ndarray, largest_component: bool) -> np.ndarray:
+    """Argmax label map; optionally only the largest connected component of each structure is kept."""
+    labels = probs.argmax(0).astype(np.uint8)
+    if largest_component:
+        keep = KeepLargestConnectedComponent(applied_labels=list(range(1, probs.shape[0])), independent=True)
+        labels = np.asarray(keep(labels[None]))[0].astype(np.uint8)
+    return labels
 
 
 def _segment_one(
@@ -145,16 +158,15 @@ def _segment_one(
     out_dir: Path,
     guard_config: GuardConfig | None,
     uncertainty: bool,
-    method: str,
-    adapted: AdaptResult | None,
+    largest_component: bool,
 ) -> ScanResult:
     src_probs = probabilities_to_original(predict_volume(scan.array, source, patch), scan)
-    src_labels = src_probs.argmax(0).astype(np.uint8)
+    src_labels = _to_labels(src_probs, largest_component)
     probs, labels = src_probs, src_labels
     fallback_reason = None
     if adapted_predictor is not None:
         probs = probabilities_to_original(predict_volume(scan.array, adapted_predictor, patch), scan)
-        labels = probs.argmax(0).astype(np.uint8)
+        labels = _to_labels(probs, largest_component)
         fallback_reason = implausible_change(
             structure_volumes(src_labels, names, scan.voxel_ml),
             structure_volumes(labels, names, scan.voxel_ml),

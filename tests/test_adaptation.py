@@ -108,3 +108,17 @@ def test_adapted_bundle_names_its_parent(tiny_bundle, shifted, tmp_path):
     assert adapted.card.parent["name"] == "phantom"
     assert adapted.card.parent["batch"] == ["case00", "case01"]
     assert adapted.card.version != tiny_bundle.card.version
+
+
+def test_largest_component_per_structure_is_kept():
+    from models.pipeline import _to_labels
+
+    probs = np.zeros((3, 4, 24, 24), np.float32)
+    probs[0] = 0.5
+    probs[1, :, 2:5, 2:5] = 1.0  # small stray blob
+    probs[1, :, 10:18, 10:18] = 1.0  # the structure
+    probs[2, :, 20:22, 20:22] = 1.0
+    kept = _to_labels(probs, largest_component=True)
+    assert (kept == 1).sum() == 4 * 64 and (kept[:, 2:5, 2:5] == 0).all()
+    assert (kept == 2).sum() == 4 * 4
+    assert (_to_labels(probs, largest_component=False) == 1).sum() == 4 * (64 + 9)
