@@ -13,7 +13,9 @@ from scan_files import zip_folder
 
 from models.io import read_image
 
-LGE_VAL = ["subject1_lge", "subject8_lge"]
+# labelled LGE scans on which the bSSFP source model is usable without adaptation (on subject1 and subject8 it
+# fails: see docs/benchmarks.md), so a Dice check here catches misplaced or misoriented outputs
+LGE_VAL = ["subject29_lge", "subject41_lge"]
 SERIES = "dicom/prostate3t_t2/Prostate3T-03-0001"
 
 
