@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+COLOURS = {"none": "tab:blue", "norm": "tab:gray", "tent": "tab:orange", "mpl": "tab:red"}
 
 
 def scan_dice(run: dict) -> dict[str, float]:
