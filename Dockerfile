@@ -7,6 +7,15 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
 
+# ---------------------------------------------------------------- project source (shared by both builds)
+FROM scratch AS source
+COPY pyproject.toml README.md /src/
+COPY models/ /src/models/
+COPY trainer/ /src/trainer/
+COPY cli/ /src/cli/
+COPY service/ /src/service/
+COPY workers/ /src/workers/
+
 # ---------------------------------------------------------------- CPU dependencies
 FROM ${PYTHON_IMAGE} AS cpu-build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
@@ -14,12 +23,7 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY models/ models/
-COPY trainer/ trainer/
-COPY cli/ cli/
-COPY service/ service/
-COPY workers/ workers/
+COPY --from=source /src ./
 # The project itself: its dependencies are constrained in pyproject.toml.
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[cpu]"
@@ -38,12 +42,7 @@ ENV PATH=/opt/venv/bin:$PATH
 ARG TORCH_CUDA=cu128
 RUN pip install --no-cache-dir --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}" torch==2.13.0
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY models/ models/
-COPY trainer/ trainer/
-COPY cli/ cli/
-COPY service/ service/
-COPY workers/ workers/
+COPY --from=source /src ./
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[gpu]"
 

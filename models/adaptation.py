@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from models.network import GlobalLocalUNet, cosine_consistency
-from models.sampling import block_mask, make_views
+from models.sampling import Views, block_mask, make_views
 
 METHODS = ("none", "norm", "tent", "mpl")
 Progress = Callable[[float], None]
@@ -82,6 +82,12 @@ def _device(net: nn.Module) -> torch.device:
     return next(net.parameters()).device
 
 
+def _random_views(volumes: Sequence[np.ndarray], patch, cfg: AdaptConfig, rng: np.random.Generator) -> Views:
+    """Global-local views of a random batch of distinct target volumes."""
+    idx = rng.choice(len(volumes), size=min(cfg.batch_size, len(volumes)), replace=False)
+    return make_views([volumes[i] for i in idx], patch, rng)
+
+
 @torch.no_grad()
 def reestimate_norm_statistics(
     net: GlobalLocalUNet, volumes: Sequence[np.ndarray], patch: Sequence[int], cfg: AdaptConfig
@@ -100,8 +106,7 @@ def reestimate_norm_statistics(
     net.train()
     dev = _device(net)
     for _ in range(max(cfg.norm_batches, len(volumes))):
-        idx = rng.choice(len(volumes), size=min(cfg.batch_size, len(volumes)), replace=False)
-        v = make_views([volumes[i] for i in idx], patch, rng)
+        v = _random_views(volumes, patch, cfg, rng)
         net(v.local.to(dev), v.global_view.to(dev), v.box.to(dev))
     for bn in bns:
         bn.momentum = 0.1
@@ -133,8 +138,7 @@ def _tent(
     result = AdaptResult(net=net, method="tent")
     net.train()
     for step in range(steps):
-        idx = rng.choice(len(volumes), size=min(cfg.batch_size, len(volumes)), replace=False)
-        v = make_views([volumes[i] for i in idx], patch, rng)
+        v = _random_views(volumes, patch, cfg, rng)
         out = net(v.local.to(dev), v.global_view.to(dev), v.box.to(dev))
         loss = _entropy(out.local_logits).mean()
         opt.zero_grad(set_to_none=True)
@@ -207,8 +211,7 @@ def _mpl(
     dev = _device(student)
     result = AdaptResult(net=teacher, method="mpl")
     for step in range(steps):
-        idx = rng.choice(len(volumes), size=min(cfg.batch_size, len(volumes)), replace=False)
-        v = make_views([volumes[i] for i in idx], patch, rng)
+        v = _random_views(volumes, patch, cfg, rng)
         local, gview, box = v.local.to(dev), v.global_view.to(dev), v.box.to(dev)
         with torch.no_grad():
             t_out = teacher(local, gview, box)

@@ -58,8 +58,14 @@ def load_scans(
     ]
 
 
-def _quality(probs: np.ndarray, labels: np.ndarray, source_labels: np.ndarray) -> dict[str, float]:
-    entropy = -(probs * np.log(np.clip(probs, 1e-8, None))).sum(0) / np.log(probs.shape[0])
+def _normalised_entropy(probs: np.ndarray) -> np.ndarray:
+    """Voxel-wise entropy of class probabilities (C, ...), scaled to [0, 1]."""
+    return -(probs * np.log(np.clip(probs, 1e-8, None))).sum(0) / np.log(probs.shape[0])
+
+
+def _quality(
+    probs: np.ndarray, entropy: np.ndarray, labels: np.ndarray, source_labels: np.ndarray
+) -> dict[str, float]:
     fg = labels > 0
     return {
         "mean_entropy_foreground": round(float(entropy[fg].mean()) if fg.any() else 0.0, 4),
@@ -163,29 +169,27 @@ def _segment_one(
     src_probs = probabilities_to_original(predict_volume(scan.array, source, patch), scan)
     src_labels = _to_labels(src_probs, largest_component)
     probs, labels = src_probs, src_labels
+    volumes = src_volumes = structure_volumes(src_labels, names, scan.voxel_ml)
     fallback_reason = None
     if adapted_predictor is not None:
         probs = probabilities_to_original(predict_volume(scan.array, adapted_predictor, patch), scan)
         labels = _to_labels(probs, largest_component)
-        fallback_reason = implausible_change(
-            structure_volumes(src_labels, names, scan.voxel_ml),
-            structure_volumes(labels, names, scan.voxel_ml),
-            guard_config,
-        )
+        volumes = structure_volumes(labels, names, scan.voxel_ml)
+        fallback_reason = implausible_change(src_volumes, volumes, guard_config)
         if fallback_reason:
-            probs, labels = src_probs, src_labels
-    quality = _quality(probs, labels, src_labels)
+            probs, labels, volumes = src_probs, src_labels, src_volumes
+    entropy = _normalised_entropy(probs)
+    quality = _quality(probs, entropy, labels, src_labels)
     label_path = write_image(label_image(labels, scan.original), out_dir / f"{scan.case}.nii.gz")
     if uncertainty:
-        ent = -(probs * np.log(np.clip(probs, 1e-8, None))).sum(0) / np.log(probs.shape[0])
-        img = sitk.GetImageFromArray(ent.astype(np.float32))
+        img = sitk.GetImageFromArray(entropy.astype(np.float32))
         img.CopyInformation(scan.original)
         write_image(img, out_dir / f"{scan.case}_uncertainty.nii.gz")
     return ScanResult(
         case=scan.case,
         label_path=label_path,
         json_path=out_dir / f"{scan.case}.json",
-        volumes_ml=structure_volumes(labels, names, scan.voxel_ml),
+        volumes_ml=volumes,
         quality=quality,
         fallback=fallback_reason is not None,
         fallback_reason=fallback_reason,

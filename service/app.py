@@ -355,6 +355,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def _create_job(state: AppState, client: Client, job_id: str, bundle: Any, request: Any, **extra: Any) -> Job:
+    """Write the record of a validated job request (``request`` has model, adaptation, steps and domain)."""
+    return job_ops.create_job(
+        state.db,
+        state.storage,
+        job_id=job_id,
+        client_id=client.id,
+        model_ref=request.model,
+        bundle_name=bundle.card.name,
+        bundle_version=bundle.card.version,
+        labels={str(k): v for k, v in bundle.card.labels.items()},
+        adaptation=request.adaptation,
+        steps=request.steps,
+        domain=request.domain,
+        queue=state.settings.job_queue,
+        **extra,
+    )
+
+
+async def _accept(state: AppState, response: Response, job: Job, scans: list[str]) -> JobAccepted:
+    """Enqueue a recorded job and answer 202 with its Location and scan names."""
+    await run_in_threadpool(job_ops.enqueue, state.db, state.celery, job.id, job.queue)
+    state.metrics.submitted.inc()
+    location = f"/v1/jobs/{job.id}"
+    response.headers["Location"] = location
+    return JobAccepted(id=job.id, state="queued", location=location, scans=scans)
+
+
 def _reject(state: AppState, status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     state.metrics.rejected.labels(str(status)).inc()
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
@@ -420,31 +448,12 @@ def register_routes(app: FastAPI) -> None:
             if len(scans) > settings.max_scans_per_job:
                 raise UploadError(422, f"{len(scans)} scans in one job; at most {settings.max_scans_per_job}")
             await run_in_threadpool(_validate_scans, state, scans)
-            job = await run_in_threadpool(
-                job_ops.create_job,
-                state.db,
-                state.storage,
-                job_id=job_id,
-                client_id=client.id,
-                model_ref=options.model,
-                bundle_name=bundle.card.name,
-                bundle_version=bundle.card.version,
-                labels={str(k): v for k, v in bundle.card.labels.items()},
-                adaptation=options.adaptation,
-                steps=options.steps,
-                domain=options.domain,
-                queue=settings.job_queue,
-                scans=scans,
-            )
+            job = await run_in_threadpool(_create_job, state, client, job_id, bundle, options, scans=scans)
         except UploadError as exc:
             return _reject(state, exc.status_code, exc.detail)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        await run_in_threadpool(job_ops.enqueue, state.db, state.celery, job.id, job.queue)
-        state.metrics.submitted.inc()
-        location = f"/v1/jobs/{job.id}"
-        response.headers["Location"] = location
-        return JobAccepted(id=job.id, state="queued", location=location, scans=[s.name for s in job.scans])
+        return await _accept(state, response, job, [scan.name for scan in job.scans])
 
     async def _submit_study(
         request: Request, response: Response, state: State, client: Client, job_id: str
@@ -473,28 +482,17 @@ def register_routes(app: FastAPI) -> None:
         except HTTPException as exc:
             return _reject(state, exc.status_code, str(exc.detail))
         job = await run_in_threadpool(
-            job_ops.create_job,
-            state.db,
-            state.storage,
-            job_id=job_id,
-            client_id=client.id,
-            model_ref=study.model,
-            bundle_name=bundle.card.name,
-            bundle_version=bundle.card.version,
-            labels={str(k): v for k, v in bundle.card.labels.items()},
-            adaptation=study.adaptation,
-            steps=study.steps,
-            domain=study.domain,
-            queue=state.settings.job_queue,
+            _create_job,
+            state,
+            client,
+            job_id,
+            bundle,
+            study,
             scans=[],
             source="dicomweb",
             study_uid=study.study_uid,
         )
-        await run_in_threadpool(job_ops.enqueue, state.db, state.celery, job.id, job.queue)
-        state.metrics.submitted.inc()
-        location = f"/v1/jobs/{job.id}"
-        response.headers["Location"] = location
-        return JobAccepted(id=job.id, state="queued", location=location, scans=[])
+        return await _accept(state, response, job, [])
 
     @app.get(
         "/v1/jobs",
