@@ -151,9 +151,10 @@ def main() -> None:
         method, outdir, inputs_json = args.one
         inputs = [Path(p) for p in json.loads(Path(inputs_json).read_text())]
         overrides = json.loads(args.config)
-        print(
-            json.dumps(run_method(bundle, inputs, method, args.steps, args.device, Path(outdir), overrides))
+        run = run_method(
+            bundle, inputs, method, args.steps, args.device, Path(outdir), overrides, args.largest_component
         )
+        print(json.dumps(run))
         return
 
     from models.bundle import resolve_bundle
