@@ -134,13 +134,24 @@ def train(
     steps: Annotated[int, typer.Option(help="training steps")] = 1000,
     val_cases: Annotated[int, typer.Option(help="last N cases (by name) held out for validation")] = 5,
     pretrained: Annotated[Path | None, typer.Option(help="MAE weights from `ttaseg pretrain`")] = None,
+    random_convolution: Annotated[
+        float, typer.Option(help="probability of random-convolution intensity augmentation per sample")
+    ] = 0.8,
+    histogram_shift: Annotated[
+        float, typer.Option(help="probability of a random monotonic intensity curve per sample")
+    ] = 0.0,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Supervised source training with augmentation; keeps the best validation Dice; writes a bundle."""
     from trainer.data import labelled_pairs, load_case
     from trainer.train import TrainConfig, train_source
 
-    cfg = TrainConfig(steps=steps, seed=seed)
+    cfg = TrainConfig(
+        steps=steps,
+        seed=seed,
+        random_convolution_prob=random_convolution,
+        histogram_shift_prob=histogram_shift,
+    )
     names = _labels_file(label_names)
     pairs = labelled_pairs(images, labels)
     cases = [load_case(i, lab, cfg.target_spacing, cfg.normalisation, len(names)) for i, lab in pairs]

@@ -42,6 +42,7 @@ class AdaptConfig(BaseModel):
     mask_ratio: float = 0.7
     mask_block: tuple[int, int, int] = (2, 16, 16)
     confidence: float = 0.8
+    pseudo_label_global_weight: float = 0.0
     global_weight: float = 0.5
     cosine_weight: float = 0.1
     norm_batches: int = 12
@@ -63,6 +64,12 @@ class AdaptResult:
     seconds: float = 0.0
     stopped_early: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
+    snapshots: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def snapshot(self, step: int, model: nn.Module, wanted: Sequence[int]) -> None:
+        """Keep a copy of the adapted model's weights after ``step`` updates if ``step`` is wanted."""
+        if step in wanted:
+            self.snapshots[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm)
@@ -125,6 +132,7 @@ def _tent(
     cfg: AdaptConfig,
     steps: int,
     progress: Progress,
+    snapshot_steps: Sequence[int],
 ) -> AdaptResult:
     reestimate_norm_statistics(net, volumes, patch, cfg)
     params = _norm_affine_parameters(net)
@@ -136,6 +144,7 @@ def _tent(
     rng = np.random.default_rng(cfg.seed)
     dev = _device(net)
     result = AdaptResult(net=net, method="tent")
+    result.snapshot(0, net, snapshot_steps)
     net.train()
     for step in range(steps):
         v = _random_views(volumes, patch, cfg, rng)
@@ -146,6 +155,7 @@ def _tent(
         opt.step()
         result.history.append({"step": step, "entropy": float(loss)})
         result.steps_run = step + 1
+        result.snapshot(step + 1, net, snapshot_steps)
         progress(100.0 * (step + 1) / steps)
     for p in net.parameters():
         p.requires_grad_(True)
@@ -169,6 +179,17 @@ def _pseudo_label_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch
         if present.any():
             loss = loss + dice_weight * (1 - dice[1:][present].mean())
     return loss
+
+
+def upsample_box(probs: torch.Tensor, box: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Trilinear crop of the normalised ``box`` (B, 6) out of global-view maps (B, C, D, H, W), at ``size``."""
+    lo, hi = box[:, :3], box[:, 3:]
+    theta = torch.zeros(box.shape[0], 3, 4, dtype=probs.dtype, device=probs.device)
+    for row, axis in enumerate((2, 1, 0)):  # affine_grid orders coordinates x, y, z
+        theta[:, row, row] = hi[:, axis] - lo[:, axis]
+        theta[:, row, 3] = hi[:, axis] + lo[:, axis] - 1.0
+    grid = F.affine_grid(theta, [box.shape[0], probs.shape[1], *size], align_corners=False)
+    return F.grid_sample(probs, grid, mode="bilinear", align_corners=False)
 
 
 @torch.no_grad()
@@ -196,6 +217,7 @@ def _mpl(
     cfg: AdaptConfig,
     steps: int,
     progress: Progress,
+    snapshot_steps: Sequence[int],
 ) -> AdaptResult:
     if cfg.mpl_norm_statistics:
         reestimate_norm_statistics(net, volumes, patch, cfg)
@@ -210,12 +232,16 @@ def _mpl(
     gen = torch.Generator().manual_seed(cfg.seed)
     dev = _device(student)
     result = AdaptResult(net=teacher, method="mpl")
+    result.snapshot(0, teacher, snapshot_steps)
     for step in range(steps):
         v = _random_views(volumes, patch, cfg, rng)
         local, gview, box = v.local.to(dev), v.global_view.to(dev), v.box.to(dev)
         with torch.no_grad():
             t_out = teacher(local, gview, box)
             t_local, t_global = torch.softmax(t_out.local_logits, 1), torch.softmax(t_out.global_logits, 1)
+            if cfg.pseudo_label_global_weight:  # global-local collaboration: the whole-scan view votes too
+                w = cfg.pseudo_label_global_weight
+                t_local = (1 - w) * t_local + w * upsample_box(t_global, box, t_local.shape[2:])
             conf_l, pseudo_l = t_local.max(1)
             conf_g, pseudo_g = t_global.max(1)
             w_l, w_g = (conf_l >= cfg.confidence).float(), (conf_g >= cfg.confidence).float()
@@ -239,13 +265,14 @@ def _mpl(
         result.history.append(
             {
                 "step": step,
-                "loss": float(loss),
+                "loss": float(loss.detach()),
                 "agreement": agreement,
                 "teacher_entropy": float(_entropy(t_out.local_logits).mean()),
                 "confident_fraction": float(w_l.mean()),
             }
         )
         result.steps_run = step + 1
+        result.snapshot(step + 1, teacher, snapshot_steps)
         progress(100.0 * (step + 1) / steps)
         if _settled(result.history, cfg):
             result.stopped_early = True
@@ -263,8 +290,12 @@ def adapt(
     steps: int | None = None,
     cfg: AdaptConfig | None = None,
     progress: Progress | None = None,
+    snapshot_steps: Sequence[int] = (),
 ) -> AdaptResult:
-    """Adapt a copy of ``net`` to the normalised target ``volumes`` (model grid, (z, y, x)) without labels."""
+    """Adapt a copy of ``net`` to the normalised target ``volumes`` (model grid, (z, y, x)) without labels.
+
+    ``snapshot_steps``: keep the adapted weights after these numbers of updates (for Dice-vs-steps curves).
+    """
     if method not in METHODS:
         raise ValueError(f"unknown adaptation method {method!r}; choose one of {', '.join(METHODS)}")
     cfg = cfg or AdaptConfig()
@@ -281,9 +312,9 @@ def adapt(
         reestimate_norm_statistics(work, volumes, patch, cfg)
         result = AdaptResult(net=work, method=method)
     elif method == "tent":
-        result = _tent(work, volumes, patch, cfg, steps, progress)
+        result = _tent(work, volumes, patch, cfg, steps, progress, snapshot_steps)
     else:
-        result = _mpl(work, volumes, patch, cfg, steps, progress)
+        result = _mpl(work, volumes, patch, cfg, steps, progress, snapshot_steps)
     progress(100.0)
     result.seconds = time.perf_counter() - start
     return result

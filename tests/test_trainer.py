@@ -66,3 +66,23 @@ def test_training_resumes_from_its_checkpoint(phantom_dir, tiny_config, tmp_path
     steps = [h["step"] for h in json.loads((tmp_path / "w" / "history.json").read_text())]
     assert steps == [2, 4, 6]
     assert bundle.card.training["train_cases"] == [c.scan.case for c in cases[:4]]
+
+
+def test_random_convolution_changes_appearance_not_shape():
+    from trainer.augment import RandomConvolutionIntensityd
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(1, 6, 32, 32)).astype(np.float32)
+    image[:, :, 8:24, 8:24] += 3.0
+    label = (image > 1.5).astype(np.float32)
+    transform = RandomConvolutionIntensityd(["image"], prob=1.0)
+    transform.set_random_state(1)
+    out = transform({"image": image, "label": label})
+    assert out["image"].shape == image.shape and out["label"] is label
+    assert abs(float(out["image"].mean())) < 1e-4 and abs(float(out["image"].std()) - 1.0) < 1e-3
+    assert not np.allclose(out["image"], image, atol=0.1)
+    again = RandomConvolutionIntensityd(["image"], prob=1.0)
+    again.set_random_state(1)
+    np.testing.assert_array_equal(again({"image": image})["image"], out["image"])
+    off = RandomConvolutionIntensityd(["image"], prob=0.0)({"image": image})
+    assert off["image"] is image

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from monai.transforms import (
     Compose,
+    MapTransform,
     RandAdjustContrastd,
     RandBiasFieldd,
     RandFlipd,
     RandGaussianNoised,
+    RandHistogramShiftd,
+    RandomizableTransform,
     RandRotate90d,
     RandScaleIntensityd,
     RandShiftIntensityd,
@@ -16,8 +21,48 @@ from monai.transforms import (
 )
 
 
-def training_augmentation(seed: int = 0) -> Compose:
-    """In-plane flips and 90-degree rotations (sites differ in orientation), scaling, gamma, noise, bias field."""
+class RandomConvolutionIntensityd(RandomizableTransform, MapTransform):
+    """Global intensity non-linear augmentation (GIN, Ouyang et al., MedIA 2022).
+
+    A freshly drawn shallow network of random in-plane convolutions and leaky ReLUs remaps the intensities and
+    local texture of the scan while keeping its shapes; the result is blended with the original by a random
+    factor and re-standardised. It teaches the source model that appearance (bSSFP, LGE, another vendor) is not
+    what defines a structure.
+    """
+
+    def __init__(self, keys, prob: float = 0.5, layers: int = 4, width: int = 2, slope: float = 0.2) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.layers, self.width, self.slope = layers, width, slope
+
+    def __call__(self, data: dict) -> dict:
+        self.randomize(None)
+        if not self._do_transform:
+            return data
+        out = dict(data)
+        for key in self.key_iterator(out):
+            image = torch.as_tensor(np.asarray(out[key]), dtype=torch.float32)[None]  # (1, 1, z, y, x)
+            h = image
+            for i in range(self.layers):
+                c_out = 1 if i == self.layers - 1 else self.width
+                k = int(self.R.choice([1, 3]))
+                weight = torch.from_numpy(self.R.standard_normal((c_out, h.shape[1], 1, k, k))).float()
+                bias = torch.from_numpy(self.R.standard_normal(c_out) * 0.1).float()
+                h = F.conv3d(h, weight, bias, padding=(0, k // 2, k // 2))
+                if i < self.layers - 1:
+                    h = F.leaky_relu(h, self.slope)
+            h = (h - h.mean()) / h.std().clamp_min(1e-6)
+            alpha = float(self.R.uniform(0.0, 1.0))
+            mixed = alpha * h + (1.0 - alpha) * image
+            out[key] = ((mixed - mixed.mean()) / mixed.std().clamp_min(1e-6))[0].numpy()
+        return out
+
+
+def training_augmentation(
+    seed: int = 0, random_convolution_prob: float = 0.0, histogram_shift_prob: float = 0.0
+) -> Compose:
+    """In-plane flips and 90-degree rotations (sites differ in orientation), scaling, gamma, noise, bias field;
+    with the given probabilities, random-convolution remapping and random monotonic histogram curves."""
     keys, img = ["image", "label"], ["image"]
     aug = Compose(
         [
@@ -32,6 +77,8 @@ def training_augmentation(seed: int = 0) -> Compose:
                 mode=("trilinear", "nearest"),
                 keep_size=True,
             ),
+            RandomConvolutionIntensityd(img, prob=random_convolution_prob),
+            RandHistogramShiftd(img, num_control_points=(4, 12), prob=histogram_shift_prob),
             RandBiasFieldd(img, prob=0.3, coeff_range=(0.0, 0.3)),
             RandAdjustContrastd(img, prob=0.5, gamma=(0.6, 1.6)),
             RandScaleIntensityd(img, prob=0.3, factors=0.2),

@@ -41,6 +41,8 @@ class TrainConfig(BaseModel):
     mask_ratio: float = 0.7
     mask_block: tuple[int, int, int] = (2, 16, 16)
     augment: bool = True
+    random_convolution_prob: float = 0.8
+    histogram_shift_prob: float = 0.0
     seed: int = 0
 
 
@@ -128,7 +130,7 @@ def train_source(
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    aug = training_augmentation(cfg.seed)
+    aug = training_augmentation(cfg.seed, cfg.random_convolution_prob, cfg.histogram_shift_prob)
     step, best, history = 0, {"dice_mean": -1.0}, []
     last = work / "last.pt"
     if last.exists():
@@ -197,7 +199,7 @@ def pretrain_mae(cases: Sequence[TrainingCase], work_dir: str | Path, cfg: Train
     gen = torch.Generator().manual_seed(cfg.seed)
     net = GlobalLocalUNet(cfg.network)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    aug = training_augmentation(cfg.seed)
+    aug = training_augmentation(cfg.seed, cfg.random_convolution_prob, cfg.histogram_shift_prob)
     net.train()
     for step in tqdm(range(cfg.steps), desc="pretrain (MAE)", unit="step"):
         v = _views(cases, rng, aug, cfg, labelled=False)

@@ -1,0 +1,124 @@
+"""Dice versus number of adaptation steps: is adaptation stable however long it runs?
+
+Each method adapts ONCE to the task's batch, with early stopping off, keeping the adapted weights after every
+requested number of steps; each snapshot then segments the labelled scans, scored against their labels
+(measuring only). Prints a table and writes JSON.
+
+    .venv/bin/python -m benchmarks.adaptation_steps --task bssfp-lge --limit 15
+    .venv/bin/python -m benchmarks.adaptation_steps --task acdc-bssfp --checkpoints 0 20 40 80 120
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from benchmarks.adaptation import DATA, RESULTS, TASKS, machine
+
+
+def dice_per_scan(
+    net, scans, label_dir: Path, patch, labels: dict[int, str], out_dir: Path
+) -> dict[str, float]:
+    """Mean Dice over structures for each labelled scan segmented by ``net`` (eager, on its own grid)."""
+    from models.evaluation import evaluate_case
+    from models.inference import predict_volume, torch_predictor
+    from models.io import write_image
+    from models.preprocessing import label_image, probabilities_to_original
+
+    predict = torch_predictor(net.eval())
+    out = {}
+    for scan in scans:
+        probs = probabilities_to_original(predict_volume(scan.array, predict, patch), scan)
+        pred = write_image(label_image(probs.argmax(0).astype(np.uint8), scan.original), out_dir / "p.nii.gz")
+        ref = sitk.ReadImage(str(next(label_dir.glob(f"{scan.case}.*"))))
+        metrics = evaluate_case(sitk.ReadImage(str(pred)), ref, labels)
+        out[scan.case] = round(float(np.nanmean([m["dice"] for m in metrics.values()])), 4)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--task", choices=sorted(TASKS), default="bssfp-lge")
+    parser.add_argument("--methods", nargs="+", default=["tent", "mpl"])
+    parser.add_argument("--checkpoints", nargs="+", type=int, default=[0, 10, 20, 40, 80, 120])
+    parser.add_argument("--bundle", default=None, help="bundle name or folder (default: the task's)")
+    parser.add_argument(
+        "--limit", type=int, default=15, help="batch: the first N target scans, labelled first"
+    )
+    parser.add_argument("--config", default="{}", help="AdaptConfig overrides as JSON")
+    parser.add_argument("--out", type=Path, default=None, help="JSON (default results/<task>-steps.json)")
+    args = parser.parse_args()
+
+    from models.adaptation import AdaptConfig, adapt
+    from models.bundle import resolve_bundle
+    from models.io import case_name
+    from models.pipeline import load_scans
+
+    bundle_name, image_rel, label_rel = TASKS[args.task]
+    bundle = resolve_bundle(args.bundle or bundle_name)
+    label_dir = DATA / label_rel
+    labelled = {case_name(p) for p in label_dir.iterdir()}
+    inputs = sorted((DATA / image_rel).iterdir(), key=lambda p: (case_name(p) not in labelled, p.name))
+    inputs = inputs[: args.limit]
+    scans = load_scans(inputs, bundle, None)
+    scored = [s for s in scans if s.case in labelled]
+    last = max(args.checkpoints)
+    # early stopping off: the curve must show what happens if adaptation runs on
+    config = AdaptConfig(**{**json.loads(args.config), "min_steps": last + 1})
+    report = {
+        "task": args.task,
+        "bundle": bundle.ref,
+        "batch_size": len(scans),
+        "labelled_scans": [s.case for s in scored],
+        "adapt_config": config.model_dump(mode="json"),
+        "machine": machine(),
+        "command": " ".join(["python -m benchmarks.adaptation_steps", *sys.argv[1:]]),
+        "methods": {},
+    }
+    net = bundle.load_network("cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in args.methods:
+            start = time.perf_counter()
+            result = adapt(
+                net, [s.array for s in scans], bundle.card.patch_size, method, last, config,
+                snapshot_steps=args.checkpoints,
+            )  # fmt: skip
+            curve = {}
+            for step, state in sorted(result.snapshots.items()):
+                result.net.load_state_dict(state)
+                per_scan = dice_per_scan(
+                    result.net, scored, label_dir, bundle.card.patch_size, bundle.card.labels, Path(tmp)
+                )
+                curve[step] = {
+                    "mean_dice": round(float(np.mean(list(per_scan.values()))), 4),
+                    "scans": per_scan,
+                }
+                print(f"{method} step {step:4d}: mean Dice {curve[step]['mean_dice']:.3f}", flush=True)
+            report["methods"][method] = {
+                "curve": curve,
+                "seconds": round(time.perf_counter() - start, 1),
+                "history": result.history,
+            }
+    print(f"\n{args.task}: {bundle.ref}, batch of {len(scans)} scans, mean Dice on {len(scored)} labelled\n")
+    print("| steps | " + " | ".join(args.methods) + " |")
+    print("|---|" + "---|" * len(args.methods))
+    for step in sorted(args.checkpoints):
+        row = [f"{report['methods'][m]['curve'][step]['mean_dice']:.3f}" for m in args.methods]
+        print(f"| {step} | " + " | ".join(row) + " |")
+    out = args.out or RESULTS / f"{args.task}-steps.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
