@@ -1,6 +1,8 @@
-"""Dice per labelled scan, source model vs each adaptation method, for every benchmark result JSON.
+"""Dice per labelled scan, source model vs each adaptation method, for every benchmark result JSON; and
+mean Dice vs adaptation steps for every `benchmarks.adaptation_steps` JSON.
 
-.venv/bin/python -m benchmarks.plot benchmarks/results/bssfp-lge.json benchmarks/results/acdc-bssfp.json
+.venv/bin/python -m benchmarks.plot benchmarks/results/bssfp-lge.json benchmarks/results/acdc-bssfp.json \
+    --steps benchmarks/results/bssfp-lge-steps.json benchmarks/results/acdc-bssfp-steps.json
 """
 
 from __future__ import annotations
@@ -33,7 +35,11 @@ def main() -> None:
     )
     parser.add_argument("results", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "dice_per_scan.png")
+    parser.add_argument("--steps", nargs="*", type=Path, default=[], help="adaptation_steps JSON files")
+    parser.add_argument("--steps-out", type=Path, default=ROOT / "docs" / "img" / "dice_vs_steps.png")
     args = parser.parse_args()
+    if args.steps:
+        plot_steps([json.loads(p.read_text()) for p in args.steps], args.steps_out)
     reports = [json.loads(p.read_text()) for p in args.results]
     fig, axes = plt.subplots(1, len(reports), figsize=(5.5 * len(reports), 4), squeeze=False)
     for ax, report in zip(axes[0], reports, strict=True):
@@ -47,6 +53,7 @@ def main() -> None:
                 [dice[c] for c in cases],
                 marker="o",
                 label=name,
+                color=COLOURS.get(name),
                 linewidth=2 if name in ("none", "mpl") else 1,
             )
         ax.set_xticks(x, cases, rotation=60, ha="right", fontsize=7)
@@ -59,6 +66,30 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
+
+
+def plot_steps(reports: list[dict], out: Path) -> None:
+    """Mean Dice on the labelled scans after each number of adaptation steps, one panel per task."""
+    fig, axes = plt.subplots(1, len(reports), figsize=(5 * len(reports), 3.6), squeeze=False)
+    for ax, report in zip(axes[0], reports, strict=True):
+        for name, run in report["methods"].items():
+            steps = sorted(run["curve"], key=int)
+            ax.plot(
+                [int(s) for s in steps],
+                [run["curve"][s]["mean_dice"] for s in steps],
+                marker="o",
+                label=name,
+                color=COLOURS.get(name),
+            )
+        ax.set_xlabel("adaptation steps")
+        ax.set_ylabel("mean Dice (labelled scans)")
+        ax.set_title(f"{report['task']} ({report['bundle']})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -127,13 +127,19 @@ def train(
         "labels.json"
     ),
     name: Annotated[str, typer.Option(help="bundle name")] = "source",
+    version: Annotated[str, typer.Option(help="bundle version")] = "1",
     out: Annotated[Path, typer.Option(help="bundle folder to write")] = Path("bundles/source"),
     work: Annotated[Path, typer.Option(help="checkpoints and history; training resumes from here")] = Path(
         "runs/train"
     ),
     steps: Annotated[int, typer.Option(help="training steps")] = 1000,
     val_cases: Annotated[int, typer.Option(help="last N cases (by name) held out for validation")] = 5,
-    pretrained: Annotated[Path | None, typer.Option(help="MAE weights from `ttaseg pretrain`")] = None,
+    pretrained: Annotated[
+        Path | None,
+        typer.Option(
+            help="initial weights: MAE weights from `ttaseg pretrain` or a source bundle's weights.pt"
+        ),
+    ] = None,
     random_convolution: Annotated[
         float, typer.Option(help="probability of random-convolution intensity augmentation per sample")
     ] = 0.8,
@@ -166,6 +172,7 @@ def train(
         cfg,
         pretrained,
         {"images": str(images), "labels": str(labels) if labels else None},
+        version,
     )
     console.print(f"wrote {bundle} validation Dice {bundle.card.validation.get('dice_mean'):.3f}")
 

@@ -14,6 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 from monai.transforms import KeepLargestConnectedComponent
+from scipy import ndimage
 
 from models.adaptation import AdaptConfig, AdaptResult, adapt
 from models.bundle import Bundle, export_onnx, save_bundle
@@ -63,11 +64,25 @@ def _normalised_entropy(probs: np.ndarray) -> np.ndarray:
     return -(probs * np.log(np.clip(probs, 1e-8, None))).sum(0) / np.log(probs.shape[0])
 
 
+def foreground_connectedness(labels: np.ndarray) -> float:
+    """Fraction of the segmented foreground in its largest 3D connected component (1 = one organ, no strays).
+
+    A model that fails on a scan tends to scatter the structures over look-alike tissue; one that works draws
+    one connected organ.
+    """
+    components, n = ndimage.label(labels > 0)
+    if n == 0:
+        return 0.0
+    sizes = np.bincount(components.ravel())[1:]
+    return float(sizes.max() / sizes.sum())
+
+
 def _quality(
     probs: np.ndarray, entropy: np.ndarray, labels: np.ndarray, source_labels: np.ndarray
 ) -> dict[str, float]:
     fg = labels > 0
     return {
+        "foreground_connectedness": round(foreground_connectedness(labels), 4),
         "mean_entropy_foreground": round(float(entropy[fg].mean()) if fg.any() else 0.0, 4),
         "mean_confidence_foreground": round(float(probs.max(0)[fg].mean()) if fg.any() else 0.0, 4),
         "agreement_with_source": round(dice_agreement(labels, source_labels, probs.shape[0]), 4),

@@ -18,7 +18,7 @@ train() {
     --label-names "$DATA/cardiac/labels.json" --name "$name" --val-cases "$val")
   $TTASEG train "${common[@]}" --out "runs/bundles/$name-stage1" --work "runs/train-$name-stage1" \
     --steps "$steps1" --random-convolution 0
-  $TTASEG train "${common[@]}" --out "bundles/$name" --work "runs/train-$name-stage2" \
+  $TTASEG train "${common[@]}" --version 2 --out "bundles/$name" --work "runs/train-$name-stage2" \
     --steps "$steps2" --random-convolution 0.8 --pretrained "runs/bundles/$name-stage1/weights.pt"
 }
 

@@ -150,3 +150,15 @@ def test_snapshots_follow_the_adapted_weights(tiny_bundle, shifted):
     assert torch.equal(result.snapshots[0][head], net.state_dict()[head])
     assert not torch.equal(result.snapshots[2][head], result.snapshots[4][head])
     assert torch.equal(result.snapshots[4][head], result.net.state_dict()[head])
+
+
+def test_foreground_connectedness_penalises_scattered_structures():
+    from models.pipeline import foreground_connectedness
+
+    labels = np.zeros((4, 32, 32), np.uint8)
+    labels[:, 10:20, 10:20] = 3
+    labels[:, 8:10, 10:20] = 2  # touches the cavity: one organ
+    assert foreground_connectedness(labels) == 1.0
+    labels[:, 28:30, 28:30] = 3  # a stray look-alike blob
+    assert 0.9 < foreground_connectedness(labels) < 1.0
+    assert foreground_connectedness(np.zeros_like(labels)) == 0.0

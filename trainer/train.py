@@ -112,6 +112,7 @@ def train_source(
     cfg: TrainConfig | None = None,
     init_weights: str | Path | None = None,
     training_summary: dict | None = None,
+    version: str = "1",
 ) -> Bundle:
     """Supervised training on labelled source cases; keeps the best validation Dice and writes a bundle."""
     cfg = cfg or TrainConfig()
@@ -170,6 +171,7 @@ def train_source(
     net.load_state_dict(torch.load(work / "best.pt", map_location="cpu", weights_only=True))
     card = ModelCard(
         name=name,
+        version=version,
         description=f"Source model trained on {len(train_cases)} labelled scans",
         labels=labels,
         target_spacing=cfg.target_spacing,
