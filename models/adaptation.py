@@ -43,13 +43,14 @@ class AdaptConfig(BaseModel):
     mask_block: tuple[int, int, int] = (2, 16, 16)
     confidence: float = 0.8
     pseudo_label_global_weight: float = 0.0
+    student_sees_unmasked: bool = True
     global_weight: float = 0.5
     cosine_weight: float = 0.1
     norm_batches: int = 12
     mpl_norm_statistics: bool = True
     dice_weight: float = 1.0
     min_steps: int = 20
-    settle_window: int = 10
+    settle_window: int = 30
     settle_tolerance: float = 0.02
     seed: int = 0
 
@@ -153,7 +154,7 @@ def _tent(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        result.history.append({"step": step, "entropy": float(loss)})
+        result.history.append({"step": step, "entropy": float(loss.detach())})
         result.steps_run = step + 1
         result.snapshot(step + 1, net, snapshot_steps)
         progress(100.0 * (step + 1) / steps)
@@ -248,16 +249,16 @@ def _mpl(
         mask_l = block_mask(local.shape, cfg.mask_block, cfg.mask_ratio, gen).to(dev)
         mask_g = block_mask(gview.shape, cfg.mask_block, cfg.mask_ratio, gen).to(dev)
         loss = torch.zeros((), device=dev)
-        agreement = 0.0
-        for masked, (loc_in, glob_in) in ((True, (local * mask_l, gview * mask_g)), (False, (local, gview))):
+        views = [(local * mask_l, gview * mask_g)] + ([(local, gview)] if cfg.student_sees_unmasked else [])
+        for loc_in, glob_in in views:
             s_out = student(loc_in, glob_in, box)
             loss = loss + _pseudo_label_loss(s_out.local_logits, pseudo_l, w_l, cfg.dice_weight)
             loss = loss + cfg.global_weight * _pseudo_label_loss(
                 s_out.global_logits, pseudo_g, w_g, cfg.dice_weight
             )
             loss = loss + cfg.cosine_weight * cosine_consistency(s_out.local_features, s_out.global_context)
-            if not masked:
-                agreement = float((s_out.local_logits.argmax(1) == pseudo_l).float().mean())
+        # agreement of the student's last view (unmasked when it sees one) with the teacher's labels
+        agreement = float((s_out.local_logits.argmax(1) == pseudo_l).float().mean())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -11,6 +11,7 @@ class GuardConfig(BaseModel):
 
     min_volume_ml: float = 1.0
     max_volume_factor: float = 3.0
+    consolidation_margin: float = 0.1
 
 
 def structure_volumes(labels: np.ndarray, names: dict[int, str], voxel_ml: float) -> dict[str, float]:
@@ -20,16 +21,30 @@ def structure_volumes(labels: np.ndarray, names: dict[int, str], voxel_ml: float
 
 
 def implausible_change(
-    source: dict[str, float], adapted: dict[str, float], cfg: GuardConfig | None = None
+    source: dict[str, float],
+    adapted: dict[str, float],
+    cfg: GuardConfig | None = None,
+    connectedness: tuple[float, float] | None = None,
 ) -> str | None:
-    """Why the adapted volumes are implausible against the source's, or None when they are plausible."""
+    """Why the adapted volumes are implausible against the source's, or None when they are plausible.
+
+    A structure that vanishes is always implausible. A volume change beyond ``max_volume_factor`` is implausible
+    unless it consolidates the segmentation: ``connectedness`` (source, adapted) is the fraction of the
+    foreground in its largest connected component, and a rise of ``consolidation_margin`` or more means the
+    adaptation replaced scattered look-alike blobs by one organ, the change a failing source model needs.
+    """
     cfg = cfg or GuardConfig()
+    consolidated = (
+        connectedness is not None and connectedness[1] >= connectedness[0] + cfg.consolidation_margin
+    )
     for name, v_src in source.items():
         v_ad = adapted.get(name, 0.0)
         if v_src >= cfg.min_volume_ml and v_ad < cfg.min_volume_ml:
             return f"{name} vanished after adaptation ({v_src:.1f} mL -> {v_ad:.1f} mL)"
-        if v_src >= cfg.min_volume_ml and not (
-            v_src / cfg.max_volume_factor <= v_ad <= v_src * cfg.max_volume_factor
+        if (
+            v_src >= cfg.min_volume_ml
+            and not consolidated
+            and not (v_src / cfg.max_volume_factor <= v_ad <= v_src * cfg.max_volume_factor)
         ):
             return (
                 f"{name} volume changed beyond x{cfg.max_volume_factor:g} ({v_src:.1f} mL -> {v_ad:.1f} mL)"

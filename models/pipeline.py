@@ -190,7 +190,8 @@ def _segment_one(
         probs = probabilities_to_original(predict_volume(scan.array, adapted_predictor, patch), scan)
         labels = _to_labels(probs, largest_component)
         volumes = structure_volumes(labels, names, scan.voxel_ml)
-        fallback_reason = implausible_change(src_volumes, volumes, guard_config)
+        connectedness = (foreground_connectedness(src_labels), foreground_connectedness(labels))
+        fallback_reason = implausible_change(src_volumes, volumes, guard_config, connectedness)
         if fallback_reason:
             probs, labels, volumes = src_probs, src_labels, src_volumes
     entropy = _normalised_entropy(probs)

@@ -90,6 +90,10 @@ def test_guard_rules():
     assert "vanished" in implausible_change({"a": 10.0}, {"a": 0.0})
     assert "beyond" in implausible_change({"a": 10.0}, {"a": 45.0})
     assert implausible_change({"a": 0.2}, {"a": 30.0}) is None  # absent in the source: nothing to compare
+    # a large change that gathers scattered blobs into one organ is what a failing source model needs
+    assert implausible_change({"a": 90.0}, {"a": 20.0}, connectedness=(0.4, 0.95)) is None
+    assert "beyond" in implausible_change({"a": 90.0}, {"a": 20.0}, connectedness=(0.9, 0.95))
+    assert "vanished" in implausible_change({"a": 90.0}, {"a": 0.0}, connectedness=(0.4, 0.0))
 
 
 def test_adapted_bundle_names_its_parent(tiny_bundle, shifted, tmp_path):
