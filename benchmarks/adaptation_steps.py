@@ -6,6 +6,9 @@ requested number of steps; each snapshot then segments the labelled scans, score
 
     .venv/bin/python -m benchmarks.adaptation_steps --task bssfp-lge --limit 15
     .venv/bin/python -m benchmarks.adaptation_steps --task acdc-bssfp --checkpoints 0 20 40 80 120
+    .venv/bin/python -m benchmarks.adaptation_steps --methods none --checkpoints 0 --bundle runs/bundles/X
+
+(``none`` and ``norm`` have a step-0 point only: a quick source-model score for training ablations.)
 """
 
 from __future__ import annotations
@@ -112,7 +115,8 @@ def main() -> None:
     print("| steps | " + " | ".join(args.methods) + " |")
     print("|---|" + "---|" * len(args.methods))
     for step in sorted(args.checkpoints):
-        row = [f"{report['methods'][m]['curve'][step]['mean_dice']:.3f}" for m in args.methods]
+        curves = [report["methods"][m]["curve"] for m in args.methods]
+        row = [f"{c[step]['mean_dice']:.3f}" if step in c else "-" for c in curves]
         print(f"| {step} | " + " | ".join(row) + " |")
     out = args.out or RESULTS / f"{args.task}-steps.json"
     out.parent.mkdir(parents=True, exist_ok=True)

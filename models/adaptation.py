@@ -34,7 +34,7 @@ Progress = Callable[[float], None]
 class AdaptConfig(BaseModel):
     """Hyper-parameters of test-time adaptation; the defaults are the shipped settings."""
 
-    steps: int = 40
+    steps: int = 100
     batch_size: int = 2
     lr: float = 1e-3
     tent_lr: float = 1e-3
@@ -309,9 +309,11 @@ def adapt(
     start = time.perf_counter()
     if method == "none":
         result = AdaptResult(net=work.eval(), method=method)
+        result.snapshot(0, work, snapshot_steps)
     elif method == "norm":
         reestimate_norm_statistics(work, volumes, patch, cfg)
         result = AdaptResult(net=work, method=method)
+        result.snapshot(0, work, snapshot_steps)
     elif method == "tent":
         result = _tent(work, volumes, patch, cfg, steps, progress, snapshot_steps)
     else:
