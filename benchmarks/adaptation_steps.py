@@ -87,6 +87,8 @@ def main() -> None:
         "command": " ".join(["python -m benchmarks.adaptation_steps", *sys.argv[1:]]),
         "methods": {},
     }
+    out = args.out or RESULTS / f"{args.task}-steps.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     net = bundle.load_network("cpu")
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
@@ -111,6 +113,7 @@ def main() -> None:
                 "seconds": round(time.perf_counter() - start, 1),
                 "history": result.history,
             }
+            out.write_text(json.dumps(report, indent=2) + "\n")  # kept after every method
     print(f"\n{args.task}: {bundle.ref}, batch of {len(scans)} scans, mean Dice on {len(scored)} labelled\n")
     print("| steps | " + " | ".join(args.methods) + " |")
     print("|---|" + "---|" * len(args.methods))
@@ -118,9 +121,6 @@ def main() -> None:
         curves = [report["methods"][m]["curve"] for m in args.methods]
         row = [f"{c[step]['mean_dice']:.3f}" if step in c else "-" for c in curves]
         print(f"| {step} | " + " | ".join(row) + " |")
-    out = args.out or RESULTS / f"{args.task}-steps.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
 
 
