@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,22 +25,19 @@ import SimpleITK as sitk
 from benchmarks.adaptation import DATA, RESULTS, TASKS, machine
 
 
-def dice_per_scan(
-    net, scans, label_dir: Path, patch, labels: dict[int, str], out_dir: Path
-) -> dict[str, float]:
+def dice_per_scan(net, scans, label_dir: Path, patch, labels: dict[int, str]) -> dict[str, float]:
     """Mean Dice over structures for each labelled scan segmented by ``net`` (eager, on its own grid)."""
     from models.evaluation import evaluate_case
     from models.inference import predict_volume, torch_predictor
-    from models.io import write_image
     from models.preprocessing import label_image, probabilities_to_original
 
     predict = torch_predictor(net.eval())
     out = {}
     for scan in scans:
         probs = probabilities_to_original(predict_volume(scan.array, predict, patch), scan)
-        pred = write_image(label_image(probs.argmax(0).astype(np.uint8), scan.original), out_dir / "p.nii.gz")
+        pred = label_image(probs.argmax(0).astype(np.uint8), scan.original)
         ref = sitk.ReadImage(str(next(label_dir.glob(f"{scan.case}.*"))))
-        metrics = evaluate_case(sitk.ReadImage(str(pred)), ref, labels)
+        metrics = evaluate_case(pred, ref, labels)
         out[scan.case] = round(float(np.nanmean([m["dice"] for m in metrics.values()])), 4)
     return out
 
@@ -90,30 +86,29 @@ def main() -> None:
     out = args.out or RESULTS / f"{args.task}-steps.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     net = bundle.load_network("cpu")
-    with tempfile.TemporaryDirectory() as tmp:
-        for method in args.methods:
-            start = time.perf_counter()
-            result = adapt(
-                net, [s.array for s in scans], bundle.card.patch_size, method, last, config,
-                snapshot_steps=args.checkpoints,
-            )  # fmt: skip
-            curve = {}
-            for step, state in sorted(result.snapshots.items()):
-                result.net.load_state_dict(state)
-                per_scan = dice_per_scan(
-                    result.net, scored, label_dir, bundle.card.patch_size, bundle.card.labels, Path(tmp)
-                )
-                curve[step] = {
-                    "mean_dice": round(float(np.mean(list(per_scan.values()))), 4),
-                    "scans": per_scan,
-                }
-                print(f"{method} step {step:4d}: mean Dice {curve[step]['mean_dice']:.3f}", flush=True)
-            report["methods"][method] = {
-                "curve": curve,
-                "seconds": round(time.perf_counter() - start, 1),
-                "history": result.history,
+    for method in args.methods:
+        start = time.perf_counter()
+        result = adapt(
+            net, [s.array for s in scans], bundle.card.patch_size, method, last, config,
+            snapshot_steps=args.checkpoints,
+        )  # fmt: skip
+        curve = {}
+        for step, state in sorted(result.snapshots.items()):
+            result.net.load_state_dict(state)
+            per_scan = dice_per_scan(
+                result.net, scored, label_dir, bundle.card.patch_size, bundle.card.labels
+            )
+            curve[step] = {
+                "mean_dice": round(float(np.mean(list(per_scan.values()))), 4),
+                "scans": per_scan,
             }
-            out.write_text(json.dumps(report, indent=2) + "\n")  # kept after every method
+            print(f"{method} step {step:4d}: mean Dice {curve[step]['mean_dice']:.3f}", flush=True)
+        report["methods"][method] = {
+            "curve": curve,
+            "seconds": round(time.perf_counter() - start, 1),
+            "history": result.history,
+        }
+        out.write_text(json.dumps(report, indent=2) + "\n")  # kept after every method
     print(f"\n{args.task}: {bundle.ref}, batch of {len(scans)} scans, mean Dice on {len(scored)} labelled\n")
     print("| steps | " + " | ".join(args.methods) + " |")
     print("|---|" + "---|" * len(args.methods))

@@ -78,11 +78,15 @@ def foreground_connectedness(labels: np.ndarray) -> float:
 
 
 def _quality(
-    probs: np.ndarray, entropy: np.ndarray, labels: np.ndarray, source_labels: np.ndarray
+    probs: np.ndarray,
+    entropy: np.ndarray,
+    labels: np.ndarray,
+    source_labels: np.ndarray,
+    connectedness: float,
 ) -> dict[str, float]:
     fg = labels > 0
     return {
-        "foreground_connectedness": round(foreground_connectedness(labels), 4),
+        "foreground_connectedness": round(connectedness, 4),
         "mean_entropy_foreground": round(float(entropy[fg].mean()) if fg.any() else 0.0, 4),
         "mean_confidence_foreground": round(float(probs.max(0)[fg].mean()) if fg.any() else 0.0, 4),
         "agreement_with_source": round(dice_agreement(labels, source_labels, probs.shape[0]), 4),
@@ -185,17 +189,20 @@ def _segment_one(
     src_labels = _to_labels(src_probs, largest_component)
     probs, labels = src_probs, src_labels
     volumes = src_volumes = structure_volumes(src_labels, names, scan.voxel_ml)
+    connectedness = src_connectedness = foreground_connectedness(src_labels)
     fallback_reason = None
     if adapted_predictor is not None:
         probs = probabilities_to_original(predict_volume(scan.array, adapted_predictor, patch), scan)
         labels = _to_labels(probs, largest_component)
         volumes = structure_volumes(labels, names, scan.voxel_ml)
-        connectedness = (foreground_connectedness(src_labels), foreground_connectedness(labels))
-        fallback_reason = implausible_change(src_volumes, volumes, guard_config, connectedness)
+        connectedness = foreground_connectedness(labels)
+        fallback_reason = implausible_change(
+            src_volumes, volumes, guard_config, (src_connectedness, connectedness)
+        )
         if fallback_reason:
-            probs, labels, volumes = src_probs, src_labels, src_volumes
+            probs, labels, volumes, connectedness = src_probs, src_labels, src_volumes, src_connectedness
     entropy = _normalised_entropy(probs)
-    quality = _quality(probs, entropy, labels, src_labels)
+    quality = _quality(probs, entropy, labels, src_labels, connectedness)
     label_path = write_image(label_image(labels, scan.original), out_dir / f"{scan.case}.nii.gz")
     if uncertainty:
         img = sitk.GetImageFromArray(entropy.astype(np.float32))
