@@ -42,7 +42,6 @@ class AdaptConfig(BaseModel):
     mask_ratio: float = 0.7
     mask_block: tuple[int, int, int] = (2, 16, 16)
     confidence: float = 0.8
-    pseudo_label_global_weight: float = 0.0
     student_sees_unmasked: bool = True
     global_weight: float = 0.5
     cosine_weight: float = 0.1
@@ -182,17 +181,6 @@ def _pseudo_label_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch
     return loss
 
 
-def upsample_box(probs: torch.Tensor, box: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Trilinear crop of the normalised ``box`` (B, 6) out of global-view maps (B, C, D, H, W), at ``size``."""
-    lo, hi = box[:, :3], box[:, 3:]
-    theta = torch.zeros(box.shape[0], 3, 4, dtype=probs.dtype, device=probs.device)
-    for row, axis in enumerate((2, 1, 0)):  # affine_grid orders coordinates x, y, z
-        theta[:, row, row] = hi[:, axis] - lo[:, axis]
-        theta[:, row, 3] = hi[:, axis] + lo[:, axis] - 1.0
-    grid = F.affine_grid(theta, [box.shape[0], probs.shape[1], *size], align_corners=False)
-    return F.grid_sample(probs, grid, mode="bilinear", align_corners=False)
-
-
 @torch.no_grad()
 def _ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     for t, s in zip(teacher.state_dict().values(), student.state_dict().values(), strict=True):
@@ -240,9 +228,6 @@ def _mpl(
         with torch.no_grad():
             t_out = teacher(local, gview, box)
             t_local, t_global = torch.softmax(t_out.local_logits, 1), torch.softmax(t_out.global_logits, 1)
-            if cfg.pseudo_label_global_weight:  # global-local collaboration: the whole-scan view votes too
-                w = cfg.pseudo_label_global_weight
-                t_local = (1 - w) * t_local + w * upsample_box(t_global, box, t_local.shape[2:])
             conf_l, pseudo_l = t_local.max(1)
             conf_g, pseudo_g = t_global.max(1)
             w_l, w_g = (conf_l >= cfg.confidence).float(), (conf_g >= cfg.confidence).float()

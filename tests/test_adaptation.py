@@ -128,19 +128,6 @@ def test_largest_component_per_structure_is_kept():
     assert (_to_labels(probs, largest_component=False) == 1).sum() == 4 * (64 + 9)
 
 
-def test_global_view_crop_is_exact_on_a_ramp():
-    import torch
-
-    from models.adaptation import upsample_box
-
-    ramp = ((torch.arange(32.0) + 0.5) / 32).expand(1, 1, 8, 32, 32).contiguous()
-    whole = upsample_box(ramp, torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0, 1.0]]), (8, 32, 32))
-    assert torch.allclose(whole, ramp, atol=1e-6)
-    half = upsample_box(ramp, torch.tensor([[0.0, 0.0, 0.25, 1.0, 1.0, 0.75]]), (8, 32, 64))
-    expected = (torch.arange(64.0) + 0.5) / 64 * 0.5 + 0.25
-    assert torch.allclose(half[0, 0, 3, 5], expected, atol=1e-5)
-
-
 def test_snapshots_follow_the_adapted_weights(tiny_bundle, shifted):
     import torch
 
