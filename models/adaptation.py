@@ -292,12 +292,10 @@ def adapt(
     torch.manual_seed(cfg.seed)
     work = copy.deepcopy(net)
     start = time.perf_counter()
-    if method == "none":
+    if method in ("none", "norm"):
+        if method == "norm":
+            reestimate_norm_statistics(work, volumes, patch, cfg)
         result = AdaptResult(net=work.eval(), method=method)
-        result.snapshot(0, work, snapshot_steps)
-    elif method == "norm":
-        reestimate_norm_statistics(work, volumes, patch, cfg)
-        result = AdaptResult(net=work, method=method)
         result.snapshot(0, work, snapshot_steps)
     elif method == "tent":
         result = _tent(work, volumes, patch, cfg, steps, progress, snapshot_steps)
