@@ -119,9 +119,47 @@ def evaluate(
         json_out.write_text(json.dumps(result, indent=2))
 
 
+def _training_cases(images: Path, labels: Path | None, names: dict[int, str] | None, cfg) -> list:
+    """Cases from a prepared ``.npz`` (``ttaseg prepare``), a folder of images (+ labels) or a CSV."""
+    from trainer.data import image_files, labelled_pairs, load_case, load_prepared
+
+    if images.suffix == ".npz":
+        return load_prepared(images, cfg.target_spacing, cfg.normalisation)
+    if names is None:
+        return [load_case(f, None, cfg.target_spacing, cfg.normalisation) for f in image_files(images)]
+    return [
+        load_case(i, lab, cfg.target_spacing, cfg.normalisation, len(names))
+        for i, lab in labelled_pairs(images, labels)
+    ]
+
+
+@app.command()
+def prepare(
+    images: Annotated[Path, typer.Option(help="folder of images, or a CSV with image,label columns")],
+    out: Annotated[Path, typer.Option(help=".npz file to write")],
+    labels: Annotated[Path | None, typer.Option(help="folder of label maps named like the images")] = None,
+    label_names: Annotated[
+        Path | None, typer.Option(help="labels.json; without it the scans are prepared unlabelled")
+    ] = None,
+) -> None:
+    """Resample and normalise scans for training once, into one file that `train --images` reads anywhere."""
+    from trainer.data import save_prepared
+    from trainer.train import TrainConfig
+
+    cfg = TrainConfig()
+    names = _labels_file(label_names) if label_names else None
+    cases = _training_cases(images, labels, names, cfg)
+    console.print(
+        f"wrote {save_prepared(cases, out, cfg.target_spacing, cfg.normalisation)} ({len(cases)} scans)"
+    )
+
+
 @app.command()
 def train(
-    images: Annotated[Path, typer.Option(help="folder of source images, or a CSV with image,label columns")],
+    images: Annotated[
+        Path,
+        typer.Option(help="folder of source images, a CSV with image,label columns, or a prepared .npz"),
+    ],
     labels: Annotated[Path | None, typer.Option(help="folder of label maps named like the images")] = None,
     label_names: Annotated[Path, typer.Option(help="labels.json mapping label values to names")] = Path(
         "labels.json"
@@ -133,7 +171,10 @@ def train(
         "runs/train"
     ),
     steps: Annotated[int, typer.Option(help="training steps")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="scans per step")] = 2,
+    lr: Annotated[float, typer.Option(help="peak learning rate of the one-cycle schedule")] = 2e-3,
     val_cases: Annotated[int, typer.Option(help="last N cases (by name) held out for validation")] = 5,
+    val_every: Annotated[int, typer.Option(help="steps between validations")] = 100,
     pretrained: Annotated[
         Path | None,
         typer.Option(
@@ -146,21 +187,25 @@ def train(
     histogram_shift: Annotated[
         float, typer.Option(help="probability of a random monotonic intensity curve per sample")
     ] = 0.0,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    workers: Annotated[int, typer.Option(help="processes preparing augmented batches (0: none)")] = 0,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Supervised source training with augmentation; keeps the best validation Dice; writes a bundle."""
-    from trainer.data import labelled_pairs, load_case
     from trainer.train import TrainConfig, train_source
 
     cfg = TrainConfig(
         steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        val_every=val_every,
         seed=seed,
         random_convolution_prob=random_convolution,
         histogram_shift_prob=histogram_shift,
+        workers=workers,
     )
     names = _labels_file(label_names)
-    pairs = labelled_pairs(images, labels)
-    cases = [load_case(i, lab, cfg.target_spacing, cfg.normalisation, len(names)) for i, lab in pairs]
+    cases = _training_cases(images, labels, names, cfg)
     train_cases, held = (cases[:-val_cases], cases[-val_cases:]) if val_cases else (cases, [])
     bundle = train_source(
         train_cases,
@@ -173,26 +218,29 @@ def train(
         pretrained,
         {"images": str(images), "labels": str(labels) if labels else None},
         version,
+        device,
     )
     console.print(f"wrote {bundle} validation Dice {bundle.card.validation.get('dice_mean'):.3f}")
 
 
 @app.command()
 def pretrain(
-    folders: Annotated[list[Path], typer.Argument(help="folders of unlabelled scans (any domain allowed)")],
+    folders: Annotated[
+        list[Path],
+        typer.Argument(help="folders of unlabelled scans or prepared .npz files (any domain allowed)"),
+    ],
     work: Annotated[Path, typer.Option(help="where mae.pt is written")] = Path("runs/mae"),
     steps: Annotated[int, typer.Option(help="pretraining steps")] = 500,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    workers: Annotated[int, typer.Option(help="processes preparing augmented batches (0: none)")] = 0,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """3D masked-autoencoder pretraining (masked blocks of the local patch and the global view)."""
-    from trainer.data import image_files, load_case
     from trainer.train import TrainConfig, pretrain_mae
 
-    cfg = TrainConfig(steps=steps, seed=seed)
-    cases = [
-        load_case(f, None, cfg.target_spacing, cfg.normalisation) for d in folders for f in image_files(d)
-    ]
-    console.print(f"wrote {pretrain_mae(cases, work, cfg)}")
+    cfg = TrainConfig(steps=steps, seed=seed, workers=workers)
+    cases = [c for d in folders for c in _training_cases(d, None, None, cfg)]
+    console.print(f"wrote {pretrain_mae(cases, work, cfg, device)}")
 
 
 @app.command()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -21,6 +21,11 @@ class Views:
     box: torch.Tensor
     local_labels: torch.Tensor | None = None
     global_labels: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> Views:
+        """The same views on ``device``."""
+        values = (getattr(self, f.name) for f in fields(self))
+        return Views(*(None if t is None else t.to(device) for t in values))
 
 
 def patch_start(

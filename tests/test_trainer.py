@@ -25,7 +25,7 @@ def _cases(phantom_dir, cfg, labelled=True):
 
 def _masked_error(net, cases, cfg) -> float:
     rng = np.random.default_rng(123)
-    v = make_views([c.scan.array for c in cases[:4]], cfg.patch_size, rng)
+    v = make_views([c.image for c in cases[:4]], cfg.patch_size, rng)
     mask = block_mask(v.local.shape, cfg.mask_block, cfg.mask_ratio, torch.Generator().manual_seed(1))
     net.eval()
     with torch.no_grad():
@@ -65,7 +65,7 @@ def test_training_resumes_from_its_checkpoint(phantom_dir, tiny_config, tmp_path
     bundle = train_source(cases[:4], cases[6:], PHANTOM_LABELS, tmp_path / "w", tmp_path / "b", "p", cfg)
     steps = [h["step"] for h in json.loads((tmp_path / "w" / "history.json").read_text())]
     assert steps == [2, 4, 6]
-    assert bundle.card.training["train_cases"] == [c.scan.case for c in cases[:4]]
+    assert bundle.card.training["train_cases"] == [c.case for c in cases[:4]]
 
 
 def test_random_convolution_changes_appearance_not_shape():

@@ -1,8 +1,10 @@
-"""Training data: labelled and unlabelled scans from folders or a CSV, prepared on the model grid."""
+"""Training data: labelled and unlabelled scans from folders, a CSV or a prepared dataset, on the model grid."""
 
 from __future__ import annotations
 
 import csv
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,14 +12,15 @@ import numpy as np
 import SimpleITK as sitk
 
 from models.io import IMAGE_SUFFIXES, case_name, read_image
-from models.preprocessing import Normalisation, PreparedScan, labels_to_model_grid, prepare
+from models.preprocessing import Normalisation, labels_to_model_grid, prepare
 
 
 @dataclass
 class TrainingCase:
-    """A prepared scan with its label array on the model grid (None when unlabelled)."""
+    """A scan resampled and normalised on the model grid, with its label array (None when unlabelled)."""
 
-    scan: PreparedScan
+    case: str
+    image: np.ndarray
     labels: np.ndarray | None
 
 
@@ -50,7 +53,7 @@ def load_case(
     """Prepare one case; label maps must share the image's grid and hold only known labels."""
     scan = prepare(read_image(image), case_name(image), spacing, normalisation)
     if label is None:
-        return TrainingCase(scan, None)
+        return TrainingCase(scan.case, scan.array, None)
     lab_img = sitk.ReadImage(str(label))
     if lab_img.GetSize() != scan.original.GetSize():
         raise ValueError(
@@ -60,4 +63,55 @@ def load_case(
     arr = labels_to_model_grid(lab_img, scan)
     if n_classes is not None and arr.max() >= n_classes:
         raise ValueError(f"{label.name}: label {int(arr.max())} outside 0..{n_classes - 1}")
-    return TrainingCase(scan, arr)
+    return TrainingCase(scan.case, scan.array, arr)
+
+
+def save_prepared(
+    cases: Sequence[TrainingCase], path: str | Path, spacing: Sequence[float], normalisation: Normalisation
+) -> Path:
+    """Write prepared cases to one ``.npz`` that trains anywhere without the source files (or SimpleITK).
+
+    Images are quantised to 8 bits over each scan's range (error at most 1/510 of it), which keeps a
+    dataset small enough to ship to a training machine.
+    """
+    ranges = [(float(c.image.min()), float(c.image.max())) for c in cases]
+    meta = {
+        "cases": [c.case for c in cases],
+        "labelled": [c.labels is not None for c in cases],
+        "ranges": ranges,
+        "target_spacing": [float(s) for s in spacing],
+        "normalisation": normalisation.model_dump(mode="json"),
+    }
+    arrays = {
+        f"image_{i}": np.round((c.image - lo) / max(hi - lo, 1e-6) * 255).astype(np.uint8)
+        for i, (c, (lo, hi)) in enumerate(zip(cases, ranges, strict=True))
+    }
+    arrays |= {f"labels_{i}": c.labels.astype(np.uint8) for i, c in enumerate(cases) if c.labels is not None}
+    path = Path(path)
+    np.savez_compressed(path, meta=np.array(json.dumps(meta)), **arrays)
+    return path
+
+
+def load_prepared(
+    path: str | Path, spacing: Sequence[float], normalisation: Normalisation
+) -> list[TrainingCase]:
+    """Cases from :func:`save_prepared`; refuses a dataset prepared for another grid or normalisation."""
+    with np.load(path) as data:
+        meta = json.loads(str(data["meta"]))
+        if meta["target_spacing"] != [float(s) for s in spacing] or meta["normalisation"] != (
+            normalisation.model_dump(mode="json")
+        ):
+            raise ValueError(
+                f"{path} was prepared for spacing {meta['target_spacing']} and {meta['normalisation']}; "
+                f"training needs {list(spacing)} and {normalisation.model_dump(mode='json')}"
+            )
+        return [
+            TrainingCase(
+                case,
+                (data[f"image_{i}"].astype(np.float32) * (max(hi - lo, 1e-6) / 255) + lo).astype(np.float32),
+                data[f"labels_{i}"].astype(np.int64) if labelled else None,
+            )
+            for i, (case, labelled, (lo, hi)) in enumerate(
+                zip(meta["cases"], meta["labelled"], meta["ranges"], strict=True)
+            )
+        ]

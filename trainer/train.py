@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from pydantic import BaseModel
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from models.bundle import Bundle, ModelCard, save_bundle
@@ -44,6 +45,7 @@ class TrainConfig(BaseModel):
     random_convolution_prob: float = 0.8
     histogram_shift_prob: float = 0.0
     seed: int = 0
+    workers: int = 0
 
 
 def mean_dice(pred: np.ndarray, target: np.ndarray, n_classes: int) -> list[float]:
@@ -61,10 +63,7 @@ def validate(net: GlobalLocalUNet, cases: Sequence[TrainingCase], patch, n_class
     net.eval()
     predict = torch_predictor(net)
     scores = np.array(
-        [
-            mean_dice(predict_volume(c.scan.array, predict, patch).argmax(0), c.labels, n_classes)
-            for c in cases
-        ]
+        [mean_dice(predict_volume(c.image, predict, patch).argmax(0), c.labels, n_classes) for c in cases]
     )
     per_class = np.nanmean(scores, axis=0)
     net.train()
@@ -90,16 +89,43 @@ def _checkpoint(path: Path, net, opt, sched, step: int, best: dict, history: lis
     tmp.replace(path)
 
 
-def _views(cases, rng, aug, cfg: TrainConfig, labelled: bool):
-    idx = rng.choice(len(cases), size=cfg.batch_size, replace=len(cases) < cfg.batch_size)
-    imgs, labs = [], []
-    for i in idx:
-        im, lab = cases[i].scan.array, cases[i].labels if labelled else None
-        if cfg.augment:
-            im, lab = augment(aug, im, lab)
-        imgs.append(im)
-        labs.append(lab)
-    return make_views(imgs, cfg.patch_size, rng, labs if labelled else None, cfg.foreground_prob)
+class ViewStream(IterableDataset):
+    """Endless batches of augmented global-local views; each data-loader worker draws its own random stream."""
+
+    def __init__(self, cases: Sequence[TrainingCase], cfg: TrainConfig, labelled: bool, start_step: int = 0):
+        self.cases, self.cfg, self.labelled, self.start_step = cases, cfg, labelled, start_step
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info else 0
+        if info:
+            torch.set_num_threads(1)  # many workers, one core each
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, self.start_step, worker])
+        aug = training_augmentation(
+            int(rng.integers(2**31)), cfg.random_convolution_prob, cfg.histogram_shift_prob
+        )
+        while True:
+            idx = rng.choice(len(self.cases), size=cfg.batch_size, replace=len(self.cases) < cfg.batch_size)
+            imgs, labs = [], []
+            for i in idx:
+                im, lab = self.cases[i].image, self.cases[i].labels if self.labelled else None
+                if cfg.augment:
+                    im, lab = augment(aug, im, lab)
+                imgs.append(im)
+                labs.append(lab)
+            yield make_views(imgs, cfg.patch_size, rng, labs if self.labelled else None, cfg.foreground_prob)
+
+
+def view_batches(cases: Sequence[TrainingCase], cfg: TrainConfig, labelled: bool, start_step: int = 0):
+    """Iterator over :class:`ViewStream` batches, prepared by ``cfg.workers`` processes (0: in this one)."""
+    loader = DataLoader(
+        ViewStream(cases, cfg, labelled, start_step),
+        batch_size=None,
+        num_workers=cfg.workers,
+        prefetch_factor=4 if cfg.workers else None,
+    )
+    return iter(loader)
 
 
 def train_source(
@@ -113,13 +139,13 @@ def train_source(
     init_weights: str | Path | None = None,
     training_summary: dict | None = None,
     version: str = "1",
+    device: str = "cpu",
 ) -> Bundle:
     """Supervised training on labelled source cases; keeps the best validation Dice and writes a bundle."""
     cfg = cfg or TrainConfig()
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     net = GlobalLocalUNet(cfg.network.model_copy(update={"out_channels": len(labels)}))
     if init_weights:
         state = torch.load(init_weights, map_location="cpu", weights_only=True)
@@ -128,10 +154,10 @@ def train_source(
         net.load_state_dict(
             {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False
         )
+    net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    aug = training_augmentation(cfg.seed, cfg.random_convolution_prob, cfg.histogram_shift_prob)
     step, best, history = 0, {"dice_mean": -1.0}, []
     last = work / "last.pt"
     if last.exists():
@@ -140,12 +166,12 @@ def train_source(
         opt.load_state_dict(ckpt["opt"])
         sched.load_state_dict(ckpt["sched"])
         step, best, history = ckpt["step"], ckpt["best"], ckpt["history"]
-        rng = np.random.default_rng(cfg.seed + step)
     net.train()
     start = time.perf_counter()
+    batches = view_batches(train_cases, cfg, labelled=True, start_step=step)
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {name}", unit="step")
     while step < cfg.steps:
-        v = _views(train_cases, rng, aug, cfg, labelled=True)
+        v = next(batches).to(device)
         out = net(v.local, v.global_view, v.box)
         loss = loss_fn(out.local_logits, v.local_labels)
         loss = loss + cfg.global_weight * loss_fn(out.global_logits, v.global_labels)
@@ -168,7 +194,7 @@ def train_source(
             _checkpoint(last, net, opt, sched, step, best, history)
             (work / "history.json").write_text(json.dumps(history, indent=2))
     bar.close()
-    net.load_state_dict(torch.load(work / "best.pt", map_location="cpu", weights_only=True))
+    net.cpu().load_state_dict(torch.load(work / "best.pt", map_location="cpu", weights_only=True))
     card = ModelCard(
         name=name,
         version=version,
@@ -180,33 +206,36 @@ def train_source(
         network=net.config,
         training={
             **(training_summary or {}),
-            "train_cases": [c.scan.case for c in train_cases],
-            "val_cases": [c.scan.case for c in val_cases],
+            "train_cases": [c.case for c in train_cases],
+            "val_cases": [c.case for c in val_cases],
             "config": cfg.model_dump(mode="json"),
             "pretrained_from": str(init_weights) if init_weights else None,
             "seconds": round(time.perf_counter() - start, 1),
+            "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
         },
         validation={"split": "held-out source cases, model grid", **best},
     )
     return save_bundle(net, card, out_bundle)
 
 
-def pretrain_mae(cases: Sequence[TrainingCase], work_dir: str | Path, cfg: TrainConfig | None = None) -> Path:
+def pretrain_mae(
+    cases: Sequence[TrainingCase], work_dir: str | Path, cfg: TrainConfig | None = None, device: str = "cpu"
+) -> Path:
     """Multi-scale masked-autoencoder pretraining: reconstruct masked 3D blocks of the local and global views."""
     cfg = cfg or TrainConfig()
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    net = GlobalLocalUNet(cfg.network)
+    net = GlobalLocalUNet(cfg.network).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    aug = training_augmentation(cfg.seed, cfg.random_convolution_prob, cfg.histogram_shift_prob)
+    batches = view_batches(cases, cfg, labelled=False)
     net.train()
     for step in tqdm(range(cfg.steps), desc="pretrain (MAE)", unit="step"):
-        v = _views(cases, rng, aug, cfg, labelled=False)
+        v = next(batches)
         m_l = block_mask(v.local.shape, cfg.mask_block, cfg.mask_ratio, gen)
         m_g = block_mask(v.global_view.shape, cfg.mask_block, cfg.mask_ratio, gen)
+        v, m_l, m_g = v.to(device), m_l.to(device), m_g.to(device)
         rec_l, rec_g = net.reconstruct(v.local * m_l, v.global_view * m_g, v.box)
         hidden_l, hidden_g = 1 - m_l, 1 - m_g
         loss = (F.mse_loss(rec_l, v.local, reduction="none") * hidden_l).sum() / hidden_l.sum().clamp_min(1)
