@@ -54,6 +54,7 @@ def main() -> None:
         "--limit", type=int, default=15, help="batch: the first N target scans, labelled first"
     )
     parser.add_argument("--config", default="{}", help="AdaptConfig overrides as JSON")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default results/<task>-steps.json)")
     args = parser.parse_args()
 
@@ -85,7 +86,7 @@ def main() -> None:
     }
     out = args.out or RESULTS / f"{args.task}-steps.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    net = bundle.load_network("cpu")
+    net = bundle.load_network(args.device)
     for method in args.methods:
         start = time.perf_counter()
         result = adapt(

@@ -170,11 +170,11 @@ def train(
     work: Annotated[Path, typer.Option(help="checkpoints and history; training resumes from here")] = Path(
         "runs/train"
     ),
-    steps: Annotated[int, typer.Option(help="training steps")] = 1000,
-    batch_size: Annotated[int, typer.Option(help="scans per step")] = 2,
+    steps: Annotated[int, typer.Option(help="training steps")] = 5000,
+    batch_size: Annotated[int, typer.Option(help="scans per step")] = 8,
     lr: Annotated[float, typer.Option(help="peak learning rate of the one-cycle schedule")] = 2e-3,
     val_cases: Annotated[int, typer.Option(help="last N cases (by name) held out for validation")] = 5,
-    val_every: Annotated[int, typer.Option(help="steps between validations")] = 100,
+    val_every: Annotated[int, typer.Option(help="steps between validations")] = 250,
     pretrained: Annotated[
         Path | None,
         typer.Option(

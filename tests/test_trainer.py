@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from typer.testing import CliRunner
 
+from cli.main import app
 from models.network import GlobalLocalUNet
 from models.phantom import PHANTOM_LABELS
 from models.sampling import block_mask, make_views
-from trainer.data import labelled_pairs, load_case
-from trainer.train import pretrain_mae, train_source
+from trainer.data import labelled_pairs, load_case, load_prepared
+from trainer.train import TrainConfig, pretrain_mae, train_source, view_batches
 
 
 def _cases(phantom_dir, cfg, labelled=True):
@@ -86,3 +88,39 @@ def test_random_convolution_changes_appearance_not_shape():
     np.testing.assert_array_equal(again({"image": image})["image"], out["image"])
     off = RandomConvolutionIntensityd(["image"], prob=0.0)({"image": image})
     assert off["image"] is image
+
+
+def test_prepared_dataset_keeps_scans_and_labels(phantom_dir, tmp_path):
+    out = tmp_path / "phantoms.npz"
+    labels_json = tmp_path / "labels.json"
+    labels_json.write_text(json.dumps({str(k): v for k, v in PHANTOM_LABELS.items()}))
+    result = CliRunner().invoke(
+        app,
+        ["prepare", "--images", str(phantom_dir / "images"), "--labels", str(phantom_dir / "labels"),
+         "--label-names", str(labels_json), "--out", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    shipped = TrainConfig()  # the grid and normalisation `prepare` uses
+    loaded = load_prepared(out, shipped.target_spacing, shipped.normalisation)
+    direct = [
+        load_case(i, lab, shipped.target_spacing, shipped.normalisation, 3)
+        for i, lab in labelled_pairs(phantom_dir / "images", phantom_dir / "labels")
+    ]
+    assert [c.case for c in loaded] == [c.case for c in direct]
+    for original, restored in zip(direct, loaded, strict=True):
+        np.testing.assert_array_equal(original.labels, restored.labels)
+        span = float(original.image.max() - original.image.min())
+        assert np.abs(original.image - restored.image).max() <= span / 510 + 1e-5
+    with pytest.raises(ValueError, match="prepared for spacing"):
+        load_prepared(out, (1.0, 1.0, 1.0), shipped.normalisation)
+
+
+def test_data_loader_workers_draw_different_augmented_batches(phantom_dir, tiny_config):
+    cases = _cases(phantom_dir, tiny_config)
+    cfg = tiny_config.model_copy(update={"batch_size": 2, "workers": 2})
+    batches = view_batches(cases, cfg, labelled=True)
+    first, second = next(batches), next(batches)  # one from each worker
+    for v in (first, second):
+        assert v.local.shape == (2, 1, *cfg.patch_size) and v.local_labels.shape == v.local.shape
+        assert set(torch.unique(v.local_labels).tolist()) <= {0, 1, 2}
+    assert not torch.equal(first.local, second.local)

@@ -31,14 +31,14 @@ class TrainConfig(BaseModel):
     patch_size: tuple[int, int, int] = (16, 112, 112)
     network: NetworkConfig = NetworkConfig(channels=(12, 24, 48, 96))
     normalisation: Normalisation = Normalisation()
-    steps: int = 1000
-    batch_size: int = 2
+    steps: int = 5000
+    batch_size: int = 8
     lr: float = 2e-3
     weight_decay: float = 1e-5
     foreground_prob: float = 0.7
     global_weight: float = 0.5
     cosine_weight: float = 0.1
-    val_every: int = 100
+    val_every: int = 250
     mask_ratio: float = 0.7
     mask_block: tuple[int, int, int] = (2, 16, 16)
     augment: bool = True
