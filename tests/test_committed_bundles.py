@@ -17,7 +17,7 @@ TEST_TARGET = {"cardiac-bssfp": "lge", "cardiac-acdc": "bssfp"}
 def test_bundle_card_and_provenance(name):
     bundle = resolve_bundle(name)
     card = bundle.card
-    assert card.validation["dice_mean"] > 0.3  # stated honestly in the card; see docs/benchmarks.md
+    assert card.validation["dice_mean"] > 0.8  # held-out source scans; see docs/benchmarks.md
     assert card.labels == {
         0: "background",
         1: "right ventricle cavity",
