@@ -2,7 +2,7 @@
 mean Dice vs adaptation steps for every `benchmarks.adaptation_steps` JSON.
 
 .venv/bin/python -m benchmarks.plot benchmarks/results/bssfp-lge.json benchmarks/results/acdc-bssfp.json \
-    --steps benchmarks/results/bssfp-lge-steps.json benchmarks/results/acdc-bssfp-steps.json
+    --steps benchmarks/results/acdc-bssfp-steps.json benchmarks/results/bssfp-lge-steps-batch5.json
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main() -> None:
         ax.set_xticks(x, cases, rotation=60, ha="right", fontsize=7)
         ax.set_ylim(0, 1)
         ax.set_ylabel("mean Dice (RV, MYO, LV)")
-        ax.set_title(f"{report['task']} ({report['bundle']})")
+        ax.set_title(f"{report['task']} ({report['bundle']}, batch of {report['batch_size']})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -83,7 +83,7 @@ def plot_steps(reports: list[dict], out: Path) -> None:
             )
         ax.set_xlabel("adaptation steps")
         ax.set_ylabel("mean Dice (labelled scans)")
-        ax.set_title(f"{report['task']} ({report['bundle']})")
+        ax.set_title(f"{report['task']} ({report['bundle']}, batch of {report['batch_size']})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
