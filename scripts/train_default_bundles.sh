@@ -5,8 +5,7 @@
 # Each is trained from scratch with the trainer's defaults (5000 steps of 8 scans, random-convolution intensity
 # augmentation, validation every 250 steps, best held-out Dice kept). The scans are prepared once into an .npz
 # (`ttaseg prepare`), which also lets the training run on a GPU machine without the source files.
-# The committed bundles were trained on one H100, both side by side (about 11 min); on 2 CPU cores one step
-# of 8 scans takes about 20 s.
+# The committed bundles were trained on one H100, both side by side (about 11 min each; see their cards).
 # Usage: [DEVICE=cuda] [WORKERS=7] scripts/train_default_bundles.sh [bssfp|acdc|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -108,7 +108,7 @@ def load_prepared(
         return [
             TrainingCase(
                 case,
-                (data[f"image_{i}"].astype(np.float32) * (max(hi - lo, 1e-6) / 255) + lo).astype(np.float32),
+                data[f"image_{i}"].astype(np.float32) * np.float32(max(hi - lo, 1e-6) / 255) + np.float32(lo),
                 data[f"labels_{i}"].astype(np.int64) if labelled else None,
             )
             for i, (case, labelled, (lo, hi)) in enumerate(
