@@ -262,6 +262,30 @@ def export(
     console.print(f"wrote {save_bundle(net, model_card, out)}")
 
 
+@app.command("record-volumes")
+def record_volumes(
+    bundle: Annotated[Path, typer.Argument(help="bundle folder whose model card to complete")],
+    images: Annotated[Path, typer.Option(help="the source training scans: prepared .npz, folder or CSV")],
+    labels: Annotated[Path | None, typer.Option(help="folder of label maps named like the images")] = None,
+) -> None:
+    """Record in the card each structure's volume range over its training cases (the guard's anatomy prior)."""
+    from models.bundle import load_bundle, write_card
+    from trainer.data import source_volume_ranges
+    from trainer.train import TrainConfig
+
+    found = load_bundle(bundle)
+    card = found.card
+    wanted = set(card.training.get("train_cases", []))
+    cfg = TrainConfig(target_spacing=card.target_spacing, normalisation=card.normalisation)
+    cases = [c for c in _training_cases(images, labels, card.labels, cfg) if c.case in wanted]
+    if not wanted or len(cases) != len(wanted):
+        raise typer.BadParameter(f"{images} holds {len(cases)} of the card's {len(wanted)} training cases")
+    ranges = source_volume_ranges(cases, card.labels, card.target_spacing)
+    write_card(card.model_copy(update={"label_volumes_ml": ranges}), found.path)
+    for name, (lo, hi) in ranges.items():
+        console.print(f"{name}: {lo:.1f} - {hi:.1f} mL")
+
+
 @app.command("models")
 def list_models() -> None:
     """List the bundles that `--model NAME` resolves."""

@@ -48,6 +48,9 @@ class ModelCard(BaseModel):
     flops_per_patch: int = 0
     training: dict[str, Any] = {}
     validation: dict[str, Any] = {}
+    label_volumes_ml: dict[str, tuple[float, float]] = Field(
+        default={}, description="smallest and largest volume of each structure in the source training labels"
+    )
     weights_sha256: str = ""
     onnx_sha256: str = ""
     onnx_opset: int = ONNX_OPSET
@@ -171,6 +174,11 @@ def export_onnx(net: GlobalLocalUNet, patch: tuple[int, int, int], path: Path) -
     return path
 
 
+def write_card(card: ModelCard, folder: Path) -> None:
+    """Write a bundle's model card (the card is not checksummed: completing it keeps the bundle valid)."""
+    (folder / CARD_FILE).write_text(json.dumps(card.model_dump(mode="json"), indent=2) + "\n")
+
+
 def save_bundle(net: GlobalLocalUNet, card: ModelCard, out_dir: str | Path) -> Bundle:
     """Write weights, ONNX export and the completed card atomically into ``out_dir``."""
     out_dir = Path(out_dir)
@@ -192,7 +200,7 @@ def save_bundle(net: GlobalLocalUNet, card: ModelCard, out_dir: str | Path) -> B
                 "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }
         )
-        (tmp / CARD_FILE).write_text(json.dumps(card.model_dump(mode="json"), indent=2) + "\n")
+        write_card(card, tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.chmod(0o755)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 from pydantic import BaseModel
+
+VolumeRanges = dict[str, tuple[float, float]]
 
 
 class GuardConfig(BaseModel):
@@ -20,20 +24,34 @@ def structure_volumes(labels: np.ndarray, names: dict[int, str], voxel_ml: float
     return {names[k]: round(float(counts[k]) * voxel_ml, 3) for k in sorted(names) if k != 0}
 
 
+def volume_ranges(label_maps: Iterable[np.ndarray], names: dict[int, str], voxel_ml: float) -> VolumeRanges:
+    """(smallest, largest) volume in mL of every structure over a set of label maps, e.g. the source labels."""
+    per_map = [structure_volumes(labels, names, voxel_ml) for labels in label_maps]
+    if not per_map:
+        return {}
+    return {name: (min(v[name] for v in per_map), max(v[name] for v in per_map)) for name in per_map[0]}
+
+
 def implausible_change(
     source: dict[str, float],
     adapted: dict[str, float],
     cfg: GuardConfig | None = None,
     connectedness: tuple[float, float] | None = None,
+    source_ranges: VolumeRanges | None = None,
 ) -> str | None:
     """Why the adapted volumes are implausible against the source's, or None when they are plausible.
 
     A structure that vanishes is always implausible. A volume change beyond ``max_volume_factor`` is implausible
-    unless it consolidates the segmentation: ``connectedness`` (source, adapted) is the fraction of the
-    foreground in its largest connected component, and a rise of ``consolidation_margin`` or more means the
-    adaptation replaced scattered look-alike blobs by one organ, the change a failing source model needs.
+    unless it repairs the segmentation:
+    - ``connectedness`` (source, adapted) is the fraction of the foreground in its largest connected component;
+      a rise of ``consolidation_margin`` or more means the adaptation replaced scattered look-alike blobs by one
+      organ;
+    - ``source_ranges`` (the model card's range of each structure's volume in the source training labels): a
+      structure whose source volume lies outside the range anatomy allows and whose adapted volume lies inside
+      it was mis-sized by the source model and fixed by the adaptation.
     """
     cfg = cfg or GuardConfig()
+    source_ranges = source_ranges or {}
     consolidated = (
         connectedness is not None and connectedness[1] >= connectedness[0] + cfg.consolidation_margin
     )
@@ -41,9 +59,12 @@ def implausible_change(
         v_ad = adapted.get(name, 0.0)
         if v_src >= cfg.min_volume_ml and v_ad < cfg.min_volume_ml:
             return f"{name} vanished after adaptation ({v_src:.1f} mL -> {v_ad:.1f} mL)"
+        lo, hi = source_ranges.get(name, (-np.inf, np.inf))
+        resized_into_range = not lo <= v_src <= hi and lo <= v_ad <= hi
         if (
             v_src >= cfg.min_volume_ml
             and not consolidated
+            and not resized_into_range
             and not (v_src / cfg.max_volume_factor <= v_ad <= v_src * cfg.max_volume_factor)
         ):
             return (

@@ -18,7 +18,13 @@ from scipy import ndimage
 
 from models.adaptation import AdaptConfig, AdaptResult, adapt
 from models.bundle import Bundle, export_onnx, save_bundle
-from models.guard import GuardConfig, dice_agreement, implausible_change, structure_volumes
+from models.guard import (
+    GuardConfig,
+    VolumeRanges,
+    dice_agreement,
+    implausible_change,
+    structure_volumes,
+)
 from models.inference import onnx_predictor, onnx_session, predict_volume
 from models.io import case_name, read_image, write_image
 from models.preprocessing import PreparedScan, label_image, prepare, probabilities_to_original
@@ -155,6 +161,7 @@ def segment_batch(
                     predictor if adapted else None,
                     out_dir,
                     guard_config,
+                    card.label_volumes_ml,
                     uncertainty,
                     largest_component,
                 )
@@ -182,6 +189,7 @@ def _segment_one(
     adapted_predictor,
     out_dir: Path,
     guard_config: GuardConfig | None,
+    source_ranges: VolumeRanges,
     uncertainty: bool,
     largest_component: bool,
 ) -> ScanResult:
@@ -197,7 +205,7 @@ def _segment_one(
         volumes = structure_volumes(labels, names, scan.voxel_ml)
         connectedness = foreground_connectedness(labels)
         fallback_reason = implausible_change(
-            src_volumes, volumes, guard_config, (src_connectedness, connectedness)
+            src_volumes, volumes, guard_config, (src_connectedness, connectedness), source_ranges
         )
         if fallback_reason:
             probs, labels, volumes, connectedness = src_probs, src_labels, src_volumes, src_connectedness

@@ -94,6 +94,14 @@ def test_guard_rules():
     assert implausible_change({"a": 90.0}, {"a": 20.0}, connectedness=(0.4, 0.95)) is None
     assert "beyond" in implausible_change({"a": 90.0}, {"a": 20.0}, connectedness=(0.9, 0.95))
     assert "vanished" in implausible_change({"a": 90.0}, {"a": 0.0}, connectedness=(0.4, 0.0))
+    # the card's source volume range: a structure the source model mis-sized may be resized into it ...
+    anatomy = {"a": (15.0, 355.0)}
+    assert implausible_change({"a": 6.6}, {"a": 32.0}, source_ranges=anatomy) is None
+    assert implausible_change({"a": 400.0}, {"a": 120.0}, source_ranges=anatomy) is None
+    # ... but a plausibly sized structure may not shrink or swell beyond x3, nor a mis-sized one move further off
+    assert "beyond" in implausible_change({"a": 149.0}, {"a": 41.0}, source_ranges=anatomy)
+    assert "beyond" in implausible_change({"a": 6.6}, {"a": 2.0}, source_ranges=anatomy)
+    assert "beyond" in implausible_change({"a": 6.6}, {"a": 400.0}, source_ranges=anatomy)
 
 
 def test_adapted_bundle_names_its_parent(tiny_bundle, shifted, tmp_path):

@@ -27,6 +27,10 @@ def test_bundle_card_and_provenance(name):
     seen = card.training["train_cases"] + card.training["val_cases"]
     assert not [c for c in seen if TEST_TARGET[name] in c], "a bundle must not have seen its test target"
     assert bundle.onnx_path.stat().st_size < 10 * 2**20
+    # the guard's anatomy prior: every structure's volume range over the training labels, in mL
+    ranges = card.label_volumes_ml
+    assert set(ranges) == set(card.labels.values()) - {"background"}
+    assert all(5.0 < lo < hi < 600.0 for lo, hi in ranges.values())
 
 
 def test_in_domain_segmentation_of_a_held_out_scan(data_dir, tmp_path):

@@ -124,3 +124,43 @@ def test_data_loader_workers_draw_different_augmented_batches(phantom_dir, tiny_
         assert v.local.shape == (2, 1, *cfg.patch_size) and v.local_labels.shape == v.local.shape
         assert set(torch.unique(v.local_labels).tolist()) <= {0, 1, 2}
     assert not torch.equal(first.local, second.local)
+
+
+def test_card_records_the_source_volume_range_and_record_volumes_restores_it(
+    tiny_bundle, phantom_dir, tiny_config, tmp_path
+):
+    import shutil
+
+    from models.bundle import load_bundle, write_card
+
+    voxel_ml = float(np.prod(tiny_config.target_spacing)) / 1000.0
+    train_cases = [
+        c for c in _cases(phantom_dir, tiny_config) if c.case in tiny_bundle.card.training["train_cases"]
+    ]
+    volumes = {
+        name: [float((c.labels == k).sum()) * voxel_ml for c in train_cases]
+        for k, name in PHANTOM_LABELS.items()
+        if k
+    }
+    ranges = tiny_bundle.card.label_volumes_ml
+    assert set(ranges) == set(volumes)
+    for name, (lo, hi) in ranges.items():
+        assert lo == pytest.approx(min(volumes[name]), abs=1e-3) and hi == pytest.approx(
+            max(volumes[name]), abs=1e-3
+        )
+        assert 0 < lo < hi
+
+    bundle_dir = tmp_path / "phantom"
+    shutil.copytree(tiny_bundle.path, bundle_dir)
+    write_card(tiny_bundle.card.model_copy(update={"label_volumes_ml": {}}), bundle_dir)
+    args = ["record-volumes", str(bundle_dir), "--images", str(phantom_dir / "images")]
+    result = CliRunner().invoke(app, [*args, "--labels", str(phantom_dir / "labels")])
+    assert result.exit_code == 0, result.output
+    assert load_bundle(bundle_dir).card.label_volumes_ml == ranges
+    # data that lacks some of the card's training cases is refused, and the card is left as it was
+    pairs = labelled_pairs(phantom_dir / "images", phantom_dir / "labels")[:2]
+    partial = tmp_path / "partial.csv"
+    partial.write_text("image,label\n" + "".join(f"{i},{lab}\n" for i, lab in pairs))
+    result = CliRunner().invoke(app, ["record-volumes", str(bundle_dir), "--images", str(partial)])
+    assert result.exit_code == 2 and "training cases" in result.output
+    assert load_bundle(bundle_dir).card.label_volumes_ml == ranges

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from models.guard import VolumeRanges, volume_ranges
 from models.io import IMAGE_SUFFIXES, case_name, read_image
 from models.preprocessing import Normalisation, labels_to_model_grid, prepare
 
@@ -115,3 +116,11 @@ def load_prepared(
                 zip(meta["cases"], meta["labelled"], meta["ranges"], strict=True)
             )
         ]
+
+
+def source_volume_ranges(
+    cases: Sequence[TrainingCase], names: dict[int, str], spacing: Sequence[float]
+) -> VolumeRanges:
+    """Smallest and largest volume (mL, model grid) of each structure over the labelled cases, for the card."""
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    return volume_ranges([c.labels for c in cases if c.labels is not None], names, voxel_ml)

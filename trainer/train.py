@@ -21,7 +21,7 @@ from models.network import GlobalLocalUNet, NetworkConfig, cosine_consistency
 from models.preprocessing import Normalisation
 from models.sampling import block_mask, make_views
 from trainer.augment import augment, training_augmentation
-from trainer.data import TrainingCase
+from trainer.data import TrainingCase, source_volume_ranges
 
 
 class TrainConfig(BaseModel):
@@ -214,6 +214,7 @@ def train_source(
             "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
         },
         validation={"split": "held-out source cases, model grid", **best},
+        label_volumes_ml=source_volume_ranges(train_cases, labels, cfg.target_spacing),
     )
     return save_bundle(net, card, out_bundle)
 
