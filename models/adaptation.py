@@ -36,7 +36,7 @@ class AdaptConfig(BaseModel):
 
     steps: int = 100
     batch_size: int = 2
-    lr: float = 1e-3
+    lr: float = 2e-3
     tent_lr: float = 1e-3
     ema: float = 0.95
     mask_ratio: float = 0.7
