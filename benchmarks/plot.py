@@ -3,6 +3,8 @@ mean Dice vs adaptation steps for every `benchmarks.adaptation_steps` JSON.
 
 .venv/bin/python -m benchmarks.plot benchmarks/results/bssfp-lge.json benchmarks/results/acdc-bssfp.json \
     --steps benchmarks/results/acdc-bssfp-steps.json benchmarks/results/bssfp-lge-steps-batch5.json
+
+Several steps JSONs of one task (say two learning rates) are drawn in one panel.
 """
 
 from __future__ import annotations
@@ -69,23 +71,37 @@ def main() -> None:
 
 
 def plot_steps(reports: list[dict], out: Path) -> None:
-    """Mean Dice on the labelled scans after each number of adaptation steps, one panel per task."""
-    fig, axes = plt.subplots(1, len(reports), figsize=(5 * len(reports), 3.6), squeeze=False)
-    for ax, report in zip(axes[0], reports, strict=True):
-        for name, run in report["methods"].items():
-            steps = sorted(run["curve"], key=int)
-            ax.plot(
-                [int(s) for s in steps],
-                [run["curve"][s]["mean_dice"] for s in steps],
-                marker="o",
-                label=name,
-                color=COLOURS.get(name),
-            )
+    """Mean Dice on the labelled scans after each number of adaptation steps, one panel per task.
+
+    Runs of the same task share a panel. Each curve is labelled with its method, learning rate and batch;
+    curves at the shipped learning rate are solid, the others dashed or dotted.
+    """
+    from models.adaptation import AdaptConfig
+
+    shipped = AdaptConfig()
+    tasks = list(dict.fromkeys(r["task"] for r in reports))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        runs = [r for r in reports if r["task"] == task]
+        other_styles = iter(["--", ":", "-."] * len(runs))
+        for report in runs:
+            for name, run in report["methods"].items():
+                key = "tent_lr" if name == "tent" else "lr"
+                lr = report["adapt_config"][key]
+                steps = sorted(run["curve"], key=int)
+                ax.plot(
+                    [int(s) for s in steps],
+                    [run["curve"][s]["mean_dice"] for s in steps],
+                    marker="o",
+                    label=f"{name}, lr {lr:g}, batch {report['batch_size']}",
+                    color=COLOURS.get(name),
+                    linestyle="-" if lr == getattr(shipped, key) else next(other_styles),
+                )
         ax.set_xlabel("adaptation steps")
         ax.set_ylabel("mean Dice (labelled scans)")
-        ax.set_title(f"{report['task']} ({report['bundle']}, batch of {report['batch_size']})")
+        ax.set_title(f"{task} ({runs[0]['bundle']})")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
