@@ -94,6 +94,7 @@ def run_method(
     total = time.perf_counter() - start
     return {
         "method": method,
+        "adapt_config": config.model_dump(mode="json"),
         "seconds_total": round(total, 1),
         "seconds_adapt": round(phases.get("adapting", 0.0), 1),
         "seconds_segment": round(total - phases.get("adapting", 0.0), 1),
