@@ -7,6 +7,7 @@ requested number of steps; each snapshot then segments the labelled scans, score
     .venv/bin/python -m benchmarks.adaptation_steps --task bssfp-lge --limit 15
     .venv/bin/python -m benchmarks.adaptation_steps --task acdc-bssfp --checkpoints 0 20 40 80 120
     .venv/bin/python -m benchmarks.adaptation_steps --methods none --checkpoints 0 --bundle runs/bundles/X
+    .venv/bin/python -m benchmarks.adaptation_steps --task acdc-bssfp --skip 15 --limit 10 --checkpoints 0 100
 
 (``none`` and ``norm`` have a step-0 point only: a quick source-model score for training ablations.)
 """
@@ -53,6 +54,12 @@ def main() -> None:
     parser.add_argument(
         "--limit", type=int, default=15, help="batch: the first N target scans, labelled first"
     )
+    parser.add_argument(
+        "--skip",
+        type=int,
+        default=0,
+        help="leave out the first N target scans (a batch the tables never saw)",
+    )
     parser.add_argument("--config", default="{}", help="AdaptConfig overrides as JSON")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default results/<task>-steps.json)")
@@ -68,7 +75,7 @@ def main() -> None:
     label_dir = DATA / label_rel
     labelled = {case_name(p) for p in label_dir.iterdir()}
     inputs = sorted((DATA / image_rel).iterdir(), key=lambda p: (case_name(p) not in labelled, p.name))
-    inputs = inputs[: args.limit]
+    inputs = inputs[args.skip : args.skip + args.limit]
     scans = load_scans(inputs, bundle, None)
     scored = [s for s in scans if s.case in labelled]
     last = max(args.checkpoints)
