@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--checkpoints", nargs="+", type=int, default=[0, 10, 20, 40, 80, 120])
     parser.add_argument("--bundle", default=None, help="bundle name or folder (default: the task's)")
     parser.add_argument(
-        "--limit", type=int, default=15, help="batch: the first N target scans, labelled first"
+        "--limit", type=int, default=15, help="batch: N target scans (after --skip), labelled first"
     )
     parser.add_argument(
         "--skip",

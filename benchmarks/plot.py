@@ -10,6 +10,7 @@ Several steps JSONs of one task (say two learning rates) are drawn in one panel.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def plot_steps(reports: list[dict], out: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.8), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         runs = [r for r in reports if r["task"] == task]
-        other_styles = iter(["--", ":", "-."] * len(runs))
+        other_styles = itertools.cycle(("--", ":", "-."))
         for report in runs:
             for name, run in report["methods"].items():
                 key = "tent_lr" if name == "tent" else "lr"
