@@ -65,7 +65,7 @@ def run_method(
     device: str,
     out: Path,
     overrides: dict,
-    largest_component: bool = False,
+    largest_component: str | None = None,
 ) -> dict:
     """Adapt + segment in this process; returns seconds, peak RSS and per-scan signals."""
     from models.adaptation import AdaptConfig
@@ -138,7 +138,12 @@ def main() -> None:
         "--limit", type=int, default=None, help="use only the first N target scans (labelled first)"
     )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--largest-component", action="store_true", help="keep one component per structure")
+    parser.add_argument(
+        "--largest-component",
+        choices=["off", "foreground", "structures"],
+        default=None,
+        help="connected-component clean-up (default: the bundle card's)",
+    )
     parser.add_argument("--config", default="{}", help='AdaptConfig overrides as JSON, e.g. {"lr": 1e-3}')
     parser.add_argument(
         "--out", type=Path, default=None, help="JSON path (default benchmarks/results/<task>.json)"
@@ -169,7 +174,7 @@ def main() -> None:
     report = {
         "task": args.task,
         "adapt_config_overrides": json.loads(args.config),
-        "largest_component": args.largest_component,
+        "largest_component": args.largest_component or card.largest_component.value,
         "bundle": f"{card.name}:{card.version}",
         "batch_size": len(inputs),
         "labelled_scans": sorted(labelled & {case_name(p) for p in inputs}),
@@ -202,7 +207,7 @@ def main() -> None:
             if args.steps is not None:
                 cmd[3:3] = ["--steps", str(args.steps)]
             if args.largest_component:
-                cmd.append("--largest-component")
+                cmd += ["--largest-component", args.largest_component]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if proc.returncode:
                 raise SystemExit(f"{method} failed:\n{proc.stderr[-3000:]}")

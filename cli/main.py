@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from models.postprocessing import LargestComponent
+
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_show_locals=False)
 console = Console(stderr=True)
 
@@ -42,8 +44,12 @@ def segment(
     ] = None,
     uncertainty: Annotated[bool, typer.Option(help="also write <case>_uncertainty.nii.gz")] = False,
     largest_component: Annotated[
-        bool, typer.Option(help="keep only the largest connected component of each structure")
-    ] = False,
+        LargestComponent | None,
+        typer.Option(
+            help="keep the largest connected object of all structures together (foreground) or of each "
+            "structure; default: the model card's"
+        ),
+    ] = None,
 ) -> None:
     """Adapt the model to all INPUTS together (without labels), then segment each onto its own grid."""
     from models.bundle import BundleError, resolve_bundle
@@ -187,6 +193,12 @@ def train(
     histogram_shift: Annotated[
         float, typer.Option(help="probability of a random monotonic intensity curve per sample")
     ] = 0.0,
+    largest_component: Annotated[
+        LargestComponent,
+        typer.Option(
+            help="the card's label-map clean-up: foreground when the structures form one object (a heart)"
+        ),
+    ] = LargestComponent.off,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     workers: Annotated[int, typer.Option(help="processes preparing augmented batches (0: none)")] = 0,
     seed: Annotated[int, typer.Option()] = 0,
@@ -219,6 +231,7 @@ def train(
         {"images": str(images), "labels": str(labels) if labels else None},
         version,
         device,
+        largest_component,
     )
     console.print(f"wrote {bundle} validation Dice {bundle.card.validation.get('dice_mean'):.3f}")
 

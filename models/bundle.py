@@ -20,6 +20,7 @@ import torch
 from pydantic import BaseModel, Field, ValidationError
 
 from models.network import GlobalLocalUNet, LocalPredictor, NetworkConfig, count_parameters, flops_per_patch
+from models.postprocessing import LargestComponent
 from models.preprocessing import Normalisation
 
 CARD_FILE, WEIGHTS_FILE, ONNX_FILE = "model_card.json", "weights.pt", "model.onnx"
@@ -50,6 +51,9 @@ class ModelCard(BaseModel):
     validation: dict[str, Any] = {}
     label_volumes_ml: dict[str, tuple[float, float]] = Field(
         default={}, description="smallest and largest volume of each structure in the source training labels"
+    )
+    largest_component: LargestComponent = Field(
+        default=LargestComponent.off, description="connected-component clean-up of the predicted label maps"
     )
     weights_sha256: str = ""
     onnx_sha256: str = ""

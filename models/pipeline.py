@@ -13,8 +13,6 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-from monai.transforms import KeepLargestConnectedComponent
-from scipy import ndimage
 
 from models.adaptation import AdaptConfig, AdaptResult, adapt
 from models.bundle import Bundle, export_onnx, save_bundle
@@ -27,6 +25,7 @@ from models.guard import (
 )
 from models.inference import onnx_predictor, onnx_session, predict_volume
 from models.io import case_name, read_image, write_image
+from models.postprocessing import LargestComponent, foreground_connectedness, keep_largest_component
 from models.preprocessing import PreparedScan, label_image, prepare, probabilities_to_original
 
 ProgressCallback = Callable[[str, float], None]
@@ -70,19 +69,6 @@ def _normalised_entropy(probs: np.ndarray) -> np.ndarray:
     return -(probs * np.log(np.clip(probs, 1e-8, None))).sum(0) / np.log(probs.shape[0])
 
 
-def foreground_connectedness(labels: np.ndarray) -> float:
-    """Fraction of the segmented foreground in its largest 3D connected component (1 = one organ, no strays).
-
-    A model that fails on a scan tends to scatter the structures over look-alike tissue; one that works draws
-    one connected organ.
-    """
-    components, n = ndimage.label(labels > 0)
-    if n == 0:
-        return 0.0
-    sizes = np.bincount(components.ravel())[1:]
-    return float(sizes.max() / sizes.sum())
-
-
 def _quality(
     probs: np.ndarray,
     entropy: np.ndarray,
@@ -112,17 +98,18 @@ def segment_batch(
     adapt_config: AdaptConfig | None = None,
     guard_config: GuardConfig | None = None,
     uncertainty: bool = False,
-    largest_component: bool = False,
+    largest_component: LargestComponent | None = None,
 ) -> list[ScanResult]:
     """Adapt ``bundle`` to all ``inputs`` together, then segment each onto its own grid in ``out_dir``.
 
-    With ``largest_component`` only the largest connected component of each structure is kept (one heart).
+    ``largest_component``: connected-component clean-up of the label maps (default: the model card's).
     """
     progress = progress or (lambda phase, pct: None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device)
     card = bundle.card
+    largest_component = LargestComponent(largest_component or card.largest_component)
     scans = load_scans(inputs, bundle, case_names)
     patch = card.patch_size
     source = onnx_predictor(onnx_session(bundle.onnx_path, device))
@@ -172,13 +159,10 @@ def segment_batch(
     return results
 
 
-def _to_labels(probs: np.ndarray, largest_component: bool) -> np.ndarray:
-    """Argmax label map; optionally only the largest connected component of each structure is kept."""
+def _to_labels(probs: np.ndarray, largest_component: LargestComponent) -> tuple[np.ndarray, float]:
+    """Argmax label map after the connected-component clean-up, and the argmax's foreground connectedness."""
     labels = probs.argmax(0).astype(np.uint8)
-    if largest_component:
-        keep = KeepLargestConnectedComponent(applied_labels=list(range(1, probs.shape[0])), independent=True)
-        labels = np.asarray(keep(labels[None]))[0].astype(np.uint8)
-    return labels
+    return keep_largest_component(labels, probs.shape[0], largest_component), foreground_connectedness(labels)
 
 
 def _segment_one(
@@ -191,19 +175,17 @@ def _segment_one(
     guard_config: GuardConfig | None,
     source_ranges: VolumeRanges,
     uncertainty: bool,
-    largest_component: bool,
+    largest_component: LargestComponent,
 ) -> ScanResult:
     src_probs = probabilities_to_original(predict_volume(scan.array, source, patch), scan)
-    src_labels = _to_labels(src_probs, largest_component)
-    probs, labels = src_probs, src_labels
+    src_labels, src_connectedness = _to_labels(src_probs, largest_component)
+    probs, labels, connectedness = src_probs, src_labels, src_connectedness
     volumes = src_volumes = structure_volumes(src_labels, names, scan.voxel_ml)
-    connectedness = src_connectedness = foreground_connectedness(src_labels)
     fallback_reason = None
     if adapted_predictor is not None:
         probs = probabilities_to_original(predict_volume(scan.array, adapted_predictor, patch), scan)
-        labels = _to_labels(probs, largest_component)
+        labels, connectedness = _to_labels(probs, largest_component)
         volumes = structure_volumes(labels, names, scan.voxel_ml)
-        connectedness = foreground_connectedness(labels)
         fallback_reason = implausible_change(
             src_volumes, volumes, guard_config, (src_connectedness, connectedness), source_ranges
         )

@@ -3,7 +3,8 @@
 #   cardiac-bssfp: mscmr_bssfp labels (test target: mscmr_lge)
 #   cardiac-acdc:  acdc_cine labels  (test target: mscmr_bssfp)
 # Each is trained from scratch with the trainer's defaults (5000 steps of 8 scans, random-convolution intensity
-# augmentation, validation every 250 steps, best held-out Dice kept). The scans are prepared once into an .npz
+# augmentation, validation every 250 steps, best held-out Dice kept); their cards keep the largest connected
+# object of the label maps (the heart). The scans are prepared once into an .npz
 # (`ttaseg prepare`), which also lets the training run on a GPU machine without the source files.
 # The committed bundles were trained on one H100, both side by side (about 11 min each; see their cards).
 # Usage: [DEVICE=cuda] [WORKERS=7] scripts/train_default_bundles.sh [bssfp|acdc|all]
@@ -23,7 +24,8 @@ train() {
   $TTASEG prepare --images "$DATA/cardiac/$domain/images" --labels "$DATA/cardiac/$domain/labels" \
     --label-names "$LABELS" --out "$prepared"
   $TTASEG train --images "$prepared" --label-names "$LABELS" --name "$name" --version 4 --out "bundles/$name" \
-    --work "runs/train-$name" --val-cases "$val" --seed 10 --device "$DEVICE" --workers "$WORKERS"
+    --work "runs/train-$name" --val-cases "$val" --seed 10 --largest-component foreground \
+    --device "$DEVICE" --workers "$WORKERS"
 }
 
 if [[ $WHICH == bssfp || $WHICH == all ]]; then

@@ -122,18 +122,23 @@ def test_adapted_bundle_names_its_parent(tiny_bundle, shifted, tmp_path):
     assert adapted.card.version != tiny_bundle.card.version
 
 
-def test_largest_component_per_structure_is_kept():
-    from models.pipeline import _to_labels
+def test_largest_component_keeps_one_heart_or_one_blob_per_structure():
+    from models.postprocessing import LargestComponent, keep_largest_component
 
-    probs = np.zeros((3, 4, 24, 24), np.float32)
-    probs[0] = 0.5
-    probs[1, :, 2:5, 2:5] = 1.0  # small stray blob
-    probs[1, :, 10:18, 10:18] = 1.0  # the structure
-    probs[2, :, 20:22, 20:22] = 1.0
-    kept = _to_labels(probs, largest_component=True)
-    assert (kept == 1).sum() == 4 * 64 and (kept[:, 2:5, 2:5] == 0).all()
-    assert (kept == 2).sum() == 4 * 4
-    assert (_to_labels(probs, largest_component=False) == 1).sum() == 4 * (64 + 9)
+    labels = np.zeros((4, 24, 24), np.uint8)
+    labels[:, 2:5, 2:5] = 1  # stray blob of structure 1, away from the heart
+    labels[:, 10:18, 10:18] = 1  # structure 1 ...
+    labels[:, 10:18, 18:21] = 2  # ... touching structure 2: one heart
+    labels[:, 20:22, 2:4] = 2  # stray blob of structure 2
+    heart = keep_largest_component(labels, 3, LargestComponent.foreground)
+    assert (heart == 1).sum() == 4 * 64 and (heart == 2).sum() == 4 * 24
+    each = keep_largest_component(labels, 3, LargestComponent.structures)
+    assert (each == 1).sum() == 4 * 64 and (each == 2).sum() == 4 * 24
+    assert (labels[:, 2:5, 2:5] == 1).all()  # the input is left as it was
+    labels[:, 0:3, 10:22] = 2  # now the largest blob of structure 2 lies away from the heart
+    assert (keep_largest_component(labels, 3, LargestComponent.foreground)[:, 0:3] == 0).all()
+    assert (keep_largest_component(labels, 3, LargestComponent.structures)[:, 10:18, 18:21] == 0).all()
+    assert keep_largest_component(labels, 3, LargestComponent.off) is labels
 
 
 def test_snapshots_follow_the_adapted_weights(tiny_bundle, shifted):
@@ -152,7 +157,7 @@ def test_snapshots_follow_the_adapted_weights(tiny_bundle, shifted):
 
 
 def test_foreground_connectedness_penalises_scattered_structures():
-    from models.pipeline import foreground_connectedness
+    from models.postprocessing import foreground_connectedness
 
     labels = np.zeros((4, 32, 32), np.uint8)
     labels[:, 10:20, 10:20] = 3

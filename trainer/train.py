@@ -18,6 +18,7 @@ from tqdm import tqdm
 from models.bundle import Bundle, ModelCard, save_bundle
 from models.inference import predict_volume, torch_predictor
 from models.network import GlobalLocalUNet, NetworkConfig, cosine_consistency
+from models.postprocessing import LargestComponent
 from models.preprocessing import Normalisation
 from models.sampling import block_mask, make_views
 from trainer.augment import augment, training_augmentation
@@ -140,8 +141,12 @@ def train_source(
     training_summary: dict | None = None,
     version: str = "1",
     device: str = "cpu",
+    largest_component: LargestComponent = LargestComponent.off,
 ) -> Bundle:
-    """Supervised training on labelled source cases; keeps the best validation Dice and writes a bundle."""
+    """Supervised training on labelled source cases; keeps the best validation Dice and writes a bundle.
+
+    ``largest_component`` goes to the card: the clean-up the anatomy allows (``foreground`` for one heart).
+    """
     cfg = cfg or TrainConfig()
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -215,6 +220,7 @@ def train_source(
         },
         validation={"split": "held-out source cases, model grid", **best},
         label_volumes_ml=source_volume_ranges(train_cases, labels, cfg.target_spacing),
+        largest_component=largest_component,
     )
     return save_bundle(net, card, out_bundle)
 
