@@ -9,6 +9,7 @@ import SimpleITK as sitk
 from models.bundle import list_bundles, resolve_bundle
 from models.io import same_grid
 from models.pipeline import segment_batch
+from models.postprocessing import foreground_connectedness
 
 TEST_TARGET = {"cardiac-bssfp": "lge", "cardiac-acdc": "bssfp"}
 
@@ -27,6 +28,7 @@ def test_bundle_card_and_provenance(name):
     seen = card.training["train_cases"] + card.training["val_cases"]
     assert not [c for c in seen if TEST_TARGET[name] in c], "a bundle must not have seen its test target"
     assert bundle.onnx_path.stat().st_size < 10 * 2**20
+    assert card.largest_component == "foreground"  # the three structures form one heart
     # the guard's anatomy prior: every structure's volume range over the training labels, in mL
     ranges = card.label_volumes_ml
     assert set(ranges) == set(card.labels.values()) - {"background"}
@@ -44,3 +46,4 @@ def test_in_domain_segmentation_of_a_held_out_scan(data_dir, tmp_path):
     p, r = sitk.GetArrayFromImage(pred), sitk.GetArrayFromImage(ref)
     dice = [2 * np.sum((p == k) & (r == k)) / (np.sum(p == k) + np.sum(r == k)) for k in (1, 2, 3)]
     assert np.mean(dice) > 0.7, dice
+    assert foreground_connectedness(p) == 1.0  # the card's clean-up keeps one heart
