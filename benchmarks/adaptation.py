@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from models.postprocessing import LargestComponent
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("TTASEG_DATA", ROOT.parent / "shared" / "data"))
 RESULTS = ROOT / "benchmarks" / "results"
@@ -140,7 +142,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--largest-component",
-        choices=["off", "foreground", "structures"],
+        choices=[m.value for m in LargestComponent],
         default=None,
         help="connected-component clean-up (default: the bundle card's)",
     )
