@@ -81,10 +81,13 @@ def run_method(
         if pct >= 100.0 and phase not in phases:
             phases[phase] = time.perf_counter() - start
 
-    config = AdaptConfig(**overrides)
+    loaded = resolve_bundle(bundle)
+    config = AdaptConfig(**overrides).with_anatomy(
+        LargestComponent(largest_component or loaded.card.largest_component)
+    )
     results = segment_batch(
         inputs,
-        resolve_bundle(bundle),
+        loaded,
         out,
         method,
         steps,

@@ -24,19 +24,24 @@ import numpy as np
 import SimpleITK as sitk
 
 from benchmarks.adaptation import DATA, RESULTS, TASKS, machine
+from models.postprocessing import LargestComponent
 
 
-def dice_per_scan(net, scans, label_dir: Path, patch, labels: dict[int, str]) -> dict[str, float]:
+def dice_per_scan(
+    net, scans, label_dir: Path, patch, labels: dict[int, str], largest_component: str
+) -> dict[str, float]:
     """Mean Dice over structures for each labelled scan segmented by ``net`` (eager, on its own grid)."""
     from models.evaluation import evaluate_case
     from models.inference import predict_volume, torch_predictor
+    from models.postprocessing import keep_largest_component
     from models.preprocessing import label_image, probabilities_to_original
 
     predict = torch_predictor(net.eval())
     out = {}
     for scan in scans:
         probs = probabilities_to_original(predict_volume(scan.array, predict, patch), scan)
-        pred = label_image(probs.argmax(0).astype(np.uint8), scan.original)
+        argmax = probs.argmax(0).astype(np.uint8)
+        pred = label_image(keep_largest_component(argmax, len(labels), largest_component), scan.original)
         ref = sitk.ReadImage(str(next(label_dir.glob(f"{scan.case}.*"))))
         metrics = evaluate_case(pred, ref, labels)
         out[scan.case] = round(float(np.nanmean([m["dice"] for m in metrics.values()])), 4)
@@ -61,6 +66,12 @@ def main() -> None:
         help="leave out the first N target scans (a batch the tables never saw)",
     )
     parser.add_argument("--config", default="{}", help="AdaptConfig overrides as JSON")
+    parser.add_argument(
+        "--largest-component",
+        choices=[m.value for m in LargestComponent],
+        default=None,
+        help="label-map clean-up before scoring (default: the bundle card's)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default results/<task>-steps.json)")
     args = parser.parse_args()
@@ -78,15 +89,19 @@ def main() -> None:
     inputs = inputs[args.skip : args.skip + args.limit]
     scans = load_scans(inputs, bundle, None)
     scored = [s for s in scans if s.case in labelled]
+    largest_component = args.largest_component or bundle.card.largest_component
     last = max(args.checkpoints)
     # early stopping off: the curve must show what happens if adaptation runs on
-    config = AdaptConfig(**{**json.loads(args.config), "min_steps": last + 1})
+    config = AdaptConfig(**{**json.loads(args.config), "min_steps": last + 1}).with_anatomy(
+        LargestComponent(largest_component)
+    )
     report = {
         "task": args.task,
         "bundle": bundle.ref,
         "batch_size": len(scans),
         "labelled_scans": [s.case for s in scored],
         "adapt_config": config.model_dump(mode="json"),
+        "largest_component": str(largest_component),
         "machine": machine(),
         "command": " ".join(["python -m benchmarks.adaptation_steps", *sys.argv[1:]]),
         "methods": {},
@@ -104,7 +119,7 @@ def main() -> None:
         for step, state in sorted(result.snapshots.items()):
             result.net.load_state_dict(state)
             per_scan = dice_per_scan(
-                result.net, scored, label_dir, bundle.card.patch_size, bundle.card.labels
+                result.net, scored, label_dir, bundle.card.patch_size, bundle.card.labels, largest_component
             )
             curve[step] = {
                 "mean_dice": round(float(np.mean(list(per_scan.values()))), 4),

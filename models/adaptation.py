@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import nn
 
-from models.network import GlobalLocalUNet, cosine_consistency
+from models.network import GlobalLocalUNet, cosine_consistency, crop_resize
+from models.postprocessing import LargestComponent, keep_largest_component
 from models.sampling import Views, block_mask, make_views
 
 METHODS = ("none", "norm", "tent", "mpl")
@@ -42,6 +43,7 @@ class AdaptConfig(BaseModel):
     mask_ratio: float = 0.7
     mask_block: tuple[int, int, int] = (2, 16, 16)
     confidence: float = 0.8
+    pseudo_label_clean_up: LargestComponent | None = None  # None: as the label maps' clean-up
     student_sees_unmasked: bool = True
     global_weight: float = 0.5
     cosine_weight: float = 0.1
@@ -52,6 +54,12 @@ class AdaptConfig(BaseModel):
     settle_window: int = 30
     settle_tolerance: float = 0.02
     seed: int = 0
+
+    def with_anatomy(self, largest_component: LargestComponent) -> AdaptConfig:
+        """These settings with an unset pseudo-label clean-up following the label maps' clean-up."""
+        if self.pseudo_label_clean_up is not None:
+            return self
+        return self.model_copy(update={"pseudo_label_clean_up": largest_component})
 
 
 @dataclass
@@ -181,6 +189,29 @@ def _pseudo_label_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch
     return loss
 
 
+def clean_pseudo_labels(
+    pseudo_local: torch.Tensor,
+    pseudo_global: torch.Tensor,
+    box: torch.Tensor,
+    mode: LargestComponent,
+    n_classes: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher labels with foreground outside the organ set to background: (local, global).
+
+    The global view shows the whole scan, so its largest connected object decides where the organ is; a local
+    patch keeps its foreground only inside that object, dilated by one to two global voxels.
+    """
+    if mode == LargestComponent.off:
+        return pseudo_local, pseudo_global
+    kept = np.stack(
+        [keep_largest_component(g, n_classes, mode) for g in pseudo_global.cpu().numpy().astype(np.uint8)]
+    )
+    kept_global = torch.from_numpy(kept).to(pseudo_global)
+    organ = F.max_pool3d((kept_global > 0).float()[:, None], (3, 5, 5), stride=1, padding=(1, 2, 2))
+    inside = crop_resize(organ, box, pseudo_local.shape[1:])[:, 0] > 0
+    return torch.where(inside, pseudo_local, torch.zeros_like(pseudo_local)), kept_global
+
+
 @torch.no_grad()
 def _ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     for t, s in zip(teacher.state_dict().values(), student.state_dict().values(), strict=True):
@@ -231,6 +262,9 @@ def _mpl(
             conf_l, pseudo_l = t_local.max(1)
             conf_g, pseudo_g = t_global.max(1)
             w_l, w_g = (conf_l >= cfg.confidence).float(), (conf_g >= cfg.confidence).float()
+            pseudo_l, pseudo_g = clean_pseudo_labels(
+                pseudo_l, pseudo_g, box, cfg.pseudo_label_clean_up or LargestComponent.off, t_local.shape[1]
+            )
         mask_l = block_mask(local.shape, cfg.mask_block, cfg.mask_ratio, gen).to(dev)
         mask_g = block_mask(gview.shape, cfg.mask_block, cfg.mask_ratio, gen).to(dev)
         loss = torch.zeros((), device=dev)

@@ -102,7 +102,8 @@ def segment_batch(
 ) -> list[ScanResult]:
     """Adapt ``bundle`` to all ``inputs`` together, then segment each onto its own grid in ``out_dir``.
 
-    ``largest_component``: connected-component clean-up of the label maps (default: the model card's).
+    ``largest_component``: connected-component clean-up of the label maps (default: the model card's); unless
+    ``adapt_config`` says otherwise, ``mpl`` cleans its pseudo-labels up the same way.
     """
     progress = progress or (lambda phase, pct: None)
     out_dir = Path(out_dir)
@@ -110,6 +111,7 @@ def segment_batch(
     device = resolve_device(device)
     card = bundle.card
     largest_component = LargestComponent(largest_component or card.largest_component)
+    adapt_config = (adapt_config or AdaptConfig()).with_anatomy(largest_component)
     scans = load_scans(inputs, bundle, case_names)
     patch = card.patch_size
     source = onnx_predictor(onnx_session(bundle.onnx_path, device))

@@ -166,3 +166,22 @@ def test_foreground_connectedness_penalises_scattered_structures():
     labels[:, 28:30, 28:30] = 3  # a stray look-alike blob
     assert 0.9 < foreground_connectedness(labels) < 1.0
     assert foreground_connectedness(np.zeros_like(labels)) == 0.0
+
+
+def test_pseudo_label_clean_up_drops_foreground_outside_the_global_organ():
+    import torch
+
+    from models.adaptation import clean_pseudo_labels
+    from models.postprocessing import LargestComponent
+
+    pseudo_global = torch.zeros(1, 8, 32, 32, dtype=torch.long)
+    pseudo_global[0, 2:6, 10:20, 10:20] = 2  # the organ
+    pseudo_global[0, 2:4, 26:29, 26:29] = 1  # a stray look-alike blob
+    pseudo_local = torch.ones(1, 8, 16, 16, dtype=torch.long)  # all foreground
+    box = torch.tensor([[0.0, 0.5, 0.5, 1.0, 1.0, 1.0]])  # the quarter with the stray and the organ's corner
+    local, global_ = clean_pseudo_labels(pseudo_local, pseudo_global, box, LargestComponent.foreground, 4)
+    assert (global_ == 1).sum() == 0 and (global_ == 2).sum() == 4 * 100
+    # the organ's corner, dilated by one slice and two voxels in-plane, stays foreground; the stray does not
+    assert (local[0, 1:7, :6, :6] == 1).all() and local.sum() == 6 * 6 * 6
+    off = clean_pseudo_labels(pseudo_local, pseudo_global, box, LargestComponent.off, 4)
+    assert off[0] is pseudo_local and off[1] is pseudo_global
