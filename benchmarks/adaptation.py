@@ -72,7 +72,7 @@ def run_method(
     """Adapt + segment in this process; returns seconds, peak RSS and per-scan signals."""
     from models.adaptation import AdaptConfig
     from models.bundle import resolve_bundle
-    from models.pipeline import segment_batch
+    from models.pipeline import clean_up_settings, segment_batch
 
     phases: dict[str, float] = {}
     start = time.perf_counter()
@@ -82,9 +82,7 @@ def run_method(
             phases[phase] = time.perf_counter() - start
 
     loaded = resolve_bundle(bundle)
-    config = AdaptConfig(**overrides).with_anatomy(
-        LargestComponent(largest_component or loaded.card.largest_component)
-    )
+    _, config = clean_up_settings(loaded.card, largest_component, AdaptConfig(**overrides))
     results = segment_batch(
         inputs,
         loaded,

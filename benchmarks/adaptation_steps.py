@@ -28,7 +28,7 @@ from models.postprocessing import LargestComponent
 
 
 def dice_per_scan(
-    net, scans, label_dir: Path, patch, labels: dict[int, str], largest_component: str
+    net, scans, label_dir: Path, patch, labels: dict[int, str], largest_component: LargestComponent
 ) -> dict[str, float]:
     """Mean Dice over structures for each labelled scan segmented by ``net`` (eager, on its own grid)."""
     from models.evaluation import evaluate_case
@@ -79,7 +79,7 @@ def main() -> None:
     from models.adaptation import AdaptConfig, adapt
     from models.bundle import resolve_bundle
     from models.io import case_name
-    from models.pipeline import load_scans
+    from models.pipeline import clean_up_settings, load_scans
 
     bundle_name, image_rel, label_rel = TASKS[args.task]
     bundle = resolve_bundle(args.bundle or bundle_name)
@@ -89,11 +89,10 @@ def main() -> None:
     inputs = inputs[args.skip : args.skip + args.limit]
     scans = load_scans(inputs, bundle, None)
     scored = [s for s in scans if s.case in labelled]
-    largest_component = args.largest_component or bundle.card.largest_component
     last = max(args.checkpoints)
     # early stopping off: the curve must show what happens if adaptation runs on
-    config = AdaptConfig(**{**json.loads(args.config), "min_steps": last + 1}).with_anatomy(
-        LargestComponent(largest_component)
+    largest_component, config = clean_up_settings(
+        bundle.card, args.largest_component, AdaptConfig(**{**json.loads(args.config), "min_steps": last + 1})
     )
     report = {
         "task": args.task,

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import torch
 
 from models.adaptation import AdaptConfig, AdaptResult, adapt
-from models.bundle import Bundle, export_onnx, save_bundle
+from models.bundle import Bundle, ModelCard, export_onnx, save_bundle
 from models.guard import (
     GuardConfig,
     VolumeRanges,
@@ -48,6 +48,15 @@ class ScanResult:
 def resolve_device(device: str) -> str:
     """``cuda`` when asked for and present, else ``cpu``."""
     return "cuda" if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
+
+
+def clean_up_settings(
+    card: ModelCard, largest_component: LargestComponent | str | None, adapt_config: AdaptConfig | None
+) -> tuple[LargestComponent, AdaptConfig]:
+    """The label maps' clean-up (default: the card's), and adaptation settings whose pseudo-label clean-up
+    follows it unless they set one."""
+    largest_component = LargestComponent(largest_component or card.largest_component)
+    return largest_component, (adapt_config or AdaptConfig()).with_anatomy(largest_component)
 
 
 def load_scans(
@@ -110,8 +119,7 @@ def segment_batch(
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device)
     card = bundle.card
-    largest_component = LargestComponent(largest_component or card.largest_component)
-    adapt_config = (adapt_config or AdaptConfig()).with_anatomy(largest_component)
+    largest_component, adapt_config = clean_up_settings(card, largest_component, adapt_config)
     scans = load_scans(inputs, bundle, case_names)
     patch = card.patch_size
     source = onnx_predictor(onnx_session(bundle.onnx_path, device))
