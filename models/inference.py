@@ -10,7 +10,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from models.network import GlobalLocalUNet
-from models.preprocessing import box_of, global_view, pad_to_patch
+from models.sampling import box_of, global_view, pad_to_patch
 
 Predictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 OVERLAP = 0.25

@@ -9,7 +9,33 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.preprocessing import box_of, global_view, pad_to_patch
+
+def pad_to_patch(array: np.ndarray, patch: Sequence[int]) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """Pad (z, y, x) symmetrically to at least the patch size; return the padded array and the crop back."""
+    pads, crop = [], []
+    for n, p in zip(array.shape, patch, strict=True):
+        total = max(0, p - n)
+        before = total // 2
+        pads.append((before, total - before))
+        crop.append(slice(before, before + n))
+    padded = (
+        np.pad(array, pads, mode="constant", constant_values=float(array.min()))
+        if any(sum(p) for p in pads)
+        else array
+    )
+    return padded, tuple(crop)
+
+
+def global_view(volume: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
+    """The whole volume (B, C, z, y, x) downsampled to the patch grid."""
+    return F.interpolate(volume, size=tuple(patch), mode="trilinear", align_corners=False)
+
+
+def box_of(starts: Sequence[int], patch: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """Normalised box (z0, y0, x0, z1, y1, x1) in [0, 1] of a patch inside a volume of ``shape``."""
+    lo = [s / n for s, n in zip(starts, shape, strict=True)]
+    hi = [(s + p) / n for s, p, n in zip(starts, patch, shape, strict=True)]
+    return torch.tensor(lo + hi, dtype=torch.float32)
 
 
 @dataclass

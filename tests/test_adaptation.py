@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import SimpleITK as sitk
 
 from models.adaptation import AdaptConfig, adapt
 from models.guard import implausible_change
-from models.phantom import write_phantoms
+from models.phantom import PHANTOM_NETWORK, PHANTOM_PATCH, write_phantoms
 from models.pipeline import segment_batch
 
 FAST = AdaptConfig(steps=30, batch_size=2, lr=1e-3, ema=0.9, mask_block=(2, 8, 8), min_steps=100)
@@ -185,3 +187,20 @@ def test_pseudo_label_clean_up_drops_foreground_outside_the_global_organ():
     assert (local[0, 1:7, :6, :6] == 1).all() and local.sum() == 6 * 6 * 6
     off = clean_pseudo_labels(pseudo_local, pseudo_global, box, LargestComponent.off, 4)
     assert off[0] is pseudo_local and off[1] is pseudo_global
+
+
+def test_adaptation_core_needs_no_imaging_stack():
+    """A GPU host adapts packed arrays with torch, MONAI and pydantic only (benchmarks.adaptation_offload)."""
+    code = (
+        "import sys; sys.modules['SimpleITK'] = None\n"
+        "import numpy as np\n"
+        "from models.adaptation import adapt\n"
+        "from models.network import GlobalLocalUNet, NetworkConfig\n"
+        f"net = GlobalLocalUNet(NetworkConfig.model_validate_json({PHANTOM_NETWORK.model_dump_json()!r}))\n"
+        "vol = np.random.default_rng(0).normal(size=(12, 40, 40)).astype(np.float32)\n"
+        f"r = adapt(net, [vol], {tuple(PHANTOM_PATCH)!r}, 'mpl', 2)\n"
+        "assert r.steps_run == 2\n"
+        "import benchmarks.adaptation_offload\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
