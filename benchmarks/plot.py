@@ -36,13 +36,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("results", nargs="+", type=Path)
+    parser.add_argument("results", nargs="*", type=Path, help="benchmarks.adaptation JSON files")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "dice_per_scan.png")
     parser.add_argument("--steps", nargs="*", type=Path, default=[], help="adaptation_steps JSON files")
     parser.add_argument("--steps-out", type=Path, default=ROOT / "docs" / "img" / "dice_vs_steps.png")
     args = parser.parse_args()
     if args.steps:
         plot_steps([json.loads(p.read_text()) for p in args.steps], args.steps_out)
+    if not args.results:
+        return
     reports = [json.loads(p.read_text()) for p in args.results]
     fig, axes = plt.subplots(1, len(reports), figsize=(5.5 * len(reports), 4), squeeze=False)
     for ax, report in zip(axes[0], reports, strict=True):
@@ -74,8 +76,9 @@ def main() -> None:
 def plot_steps(reports: list[dict], out: Path) -> None:
     """Mean Dice on the labelled scans after each number of adaptation steps, one panel per task.
 
-    Runs of the same task share a panel. Each curve is labelled with its method, learning rate and batch;
-    curves at the shipped learning rate are solid, the others dashed or dotted.
+    Runs of the same task share a panel. Each curve is labelled with its method, learning rate and batch (and
+    seed, when not the shipped one); curves at the shipped learning rate and seed are solid, the others dashed
+    or dotted.
     """
     from models.adaptation import AdaptConfig
 
@@ -84,20 +87,31 @@ def plot_steps(reports: list[dict], out: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.8), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         runs = [r for r in reports if r["task"] == task]
-        other_styles = itertools.cycle(("--", ":", "-."))
+        curves: dict[str, dict] = {}  # one curve per label: runs with the same settings join up
         for report in runs:
             for name, run in report["methods"].items():
                 key = "tent_lr" if name == "tent" else "lr"
-                lr = report["adapt_config"][key]
-                steps = sorted(run["curve"], key=int)
-                ax.plot(
-                    [int(s) for s in steps],
-                    [run["curve"][s]["mean_dice"] for s in steps],
-                    marker="o",
-                    label=f"{name}, lr {lr:g}, batch {report['batch_size']}",
-                    color=COLOURS.get(name),
-                    linestyle="-" if lr == getattr(shipped, key) else next(other_styles),
+                lr, seed = report["adapt_config"][key], report["adapt_config"]["seed"]
+                label = f"{name}, lr {lr:g}, batch {report['batch_size']}" + (
+                    "" if seed == shipped.seed else f", seed {seed}"
                 )
+                curve = curves.setdefault(
+                    label, {"name": name, "shipped": lr == getattr(shipped, key) and seed == shipped.seed}
+                )
+                curve.setdefault("points", {}).update(
+                    {int(s): point["mean_dice"] for s, point in run["curve"].items()}
+                )
+        other_styles = itertools.cycle(("--", ":", "-."))
+        for label, curve in curves.items():
+            steps = sorted(curve["points"])
+            ax.plot(
+                steps,
+                [curve["points"][s] for s in steps],
+                marker="o",
+                label=label,
+                color=COLOURS.get(curve["name"]),
+                linestyle="-" if curve["shipped"] else next(other_styles),
+            )
         ax.set_xlabel("adaptation steps")
         ax.set_ylabel("mean Dice (labelled scans)")
         ax.set_title(f"{task} ({runs[0]['bundle']})")
