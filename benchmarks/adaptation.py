@@ -95,6 +95,7 @@ def run_method(
         largest_component=largest_component,
     )
     total = time.perf_counter() - start
+    record = json.loads(results[0].json_path.read_text())
     return {
         "method": method,
         "adapt_config": config.model_dump(mode="json"),
@@ -103,7 +104,7 @@ def run_method(
         "seconds_segment": round(total - phases.get("adapting", 0.0), 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 0),
         "scans": {r.case: {"quality": r.quality, "fallback": r.fallback_reason} for r in results},
-        "steps_run": json.loads(results[0].json_path.read_text())["steps_run"],
+        **{k: record[k] for k in ("steps_run", "adaptation_restarts", "adaptation_collapsed")},
     }
 
 

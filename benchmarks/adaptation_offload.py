@@ -14,7 +14,7 @@ accelerator and only torch, MONAI and pydantic there:
 
 ``adapt`` writes ``adapt.json`` (settings, seconds, seconds per step, peak GPU memory, the label-free history) and
 one ``<method>-<step>.pt`` per checkpoint; ``score`` adds the curves and writes the same JSON layout as
-``benchmarks.adaptation_steps``. Early stopping is off, as there.
+``benchmarks.adaptation_steps``. Early stopping and restarts are off, as there.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def adapt_packed(args: argparse.Namespace) -> None:
     net = net.to(args.device).eval()
     last = max(args.checkpoints)
     overrides = json.loads(args.config)
-    config = AdaptConfig(**{**card["adapt_config"], **overrides, "min_steps": last + 1})
+    config = AdaptConfig(**{**card["adapt_config"], "restarts": 0, **overrides, "min_steps": last + 1})
     cuda = args.device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -1,7 +1,7 @@
 """Dice versus number of adaptation steps: is adaptation stable however long it runs?
 
-Each method adapts ONCE to the task's batch, with early stopping off, keeping the adapted weights after every
-requested number of steps; each snapshot then segments the labelled scans, scored against their labels
+Each method adapts ONCE to the task's batch, with early stopping and restarts off, keeping the adapted weights
+after every requested number of steps; each snapshot then segments the labelled scans, scored against their labels
 (measuring only). Prints a table and writes JSON.
 
     .venv/bin/python -m benchmarks.adaptation_steps --task bssfp-lge --limit 15
@@ -90,9 +90,10 @@ def main() -> None:
     scans = load_scans(inputs, bundle, None)
     scored = [s for s in scans if s.case in labelled]
     last = max(args.checkpoints)
-    # early stopping off: the curve must show what happens if adaptation runs on
+    # early stopping and restarts off (unless asked for): the curve must show what one run does if it runs on
+    overrides = {"restarts": 0, **json.loads(args.config), "min_steps": last + 1}
     largest_component, config = clean_up_settings(
-        bundle.card, args.largest_component, AdaptConfig(**{**json.loads(args.config), "min_steps": last + 1})
+        bundle.card, args.largest_component, AdaptConfig(**overrides)
     )
     report = {
         "task": args.task,

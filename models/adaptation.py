@@ -26,9 +26,10 @@ from torch import nn
 
 from models.network import GlobalLocalUNet, cosine_consistency, crop_resize
 from models.postprocessing import LargestComponent, keep_largest_component
-from models.sampling import Views, block_mask, make_views
+from models.sampling import Views, block_mask, box_of, global_view, make_views, pad_to_patch
 
 METHODS = ("none", "norm", "tent", "mpl")
+MIN_SHARE = 1e-3  # a structure below this share of a scan's global view is absent from it
 Progress = Callable[[float], None]
 
 
@@ -54,6 +55,10 @@ class AdaptConfig(BaseModel):
     settle_window: int = 30
     settle_tolerance: float = 0.02
     seed: int = 0
+    # mpl re-adapts from the source weights with the next seed when a structure collapses across the batch
+    restarts: int = 1
+    collapse_ratio: float = 3.0
+    collapse_scans: float = 0.25
 
     def with_anatomy(self, largest_component: LargestComponent) -> AdaptConfig:
         """These settings with an unset pseudo-label clean-up following the label maps' clean-up."""
@@ -71,6 +76,8 @@ class AdaptResult:
     steps_run: int = 0
     seconds: float = 0.0
     stopped_early: bool = False
+    restarts: int = 0
+    collapsed: list[int] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)
     snapshots: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
@@ -302,6 +309,36 @@ def _mpl(
     return result
 
 
+@torch.no_grad()
+def structure_shares(net: GlobalLocalUNet, volumes: Sequence[np.ndarray], patch: Sequence[int]) -> np.ndarray:
+    """Each structure's share of every scan's global view in the network's label map, (scans, structures)."""
+    net.eval()
+    dev = _device(net)
+    shares = []
+    for volume in volumes:
+        padded, _ = pad_to_patch(volume, patch)
+        whole = torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32))[None, None]
+        starts = [(n - p) // 2 for n, p in zip(padded.shape, patch, strict=True)]
+        local = whole[(..., *(slice(s, s + p) for s, p in zip(starts, patch, strict=True)))]
+        box = box_of(starts, patch, padded.shape)[None]
+        logits = net(local.to(dev), global_view(whole, patch).to(dev), box.to(dev)).global_logits
+        labels = logits.argmax(1)
+        shares.append([float((labels == c).float().mean()) for c in range(1, logits.shape[1])])
+    return np.asarray(shares)
+
+
+def collapsed_structures(source: np.ndarray, adapted: np.ndarray, cfg: AdaptConfig) -> list[int]:
+    """Labels of the structures that shrank more than ``collapse_ratio``-fold, or vanished, in at least a
+    ``collapse_scans`` fraction of the scans where the source network finds them."""
+    present = source >= MIN_SHARE
+    shrunk = present & (adapted * cfg.collapse_ratio < source)
+    return [
+        c + 1
+        for c in range(source.shape[1])
+        if present[:, c].any() and shrunk[:, c].sum() >= cfg.collapse_scans * present[:, c].sum()
+    ]
+
+
 def adapt(
     net: GlobalLocalUNet,
     volumes: Sequence[np.ndarray],
@@ -315,6 +352,9 @@ def adapt(
     """Adapt a copy of ``net`` to the normalised target ``volumes`` (model grid, (z, y, x)) without labels.
 
     ``snapshot_steps``: keep the adapted weights after these numbers of updates (for Dice-vs-steps curves).
+    ``mpl`` compares each structure's share of every scan before and after adapting; if one collapsed across the
+    batch (``collapsed_structures``) it adapts again from the source weights with the next seed, up to
+    ``cfg.restarts`` times, and reports the restarts and any structure still collapsed.
     """
     if method not in METHODS:
         raise ValueError(f"unknown adaptation method {method!r}; choose one of {', '.join(METHODS)}")
@@ -334,7 +374,22 @@ def adapt(
     elif method == "tent":
         result = _tent(work, volumes, patch, cfg, steps, progress, snapshot_steps)
     else:
-        result = _mpl(work, volumes, patch, cfg, steps, progress, snapshot_steps)
+        source_shares = structure_shares(work, volumes, patch) if cfg.restarts and steps else None
+        run = cfg
+        for attempt in range(cfg.restarts + 1):
+            if attempt:  # a structure collapsed: start again from the source weights with the next seed
+                run = cfg.model_copy(update={"seed": cfg.seed + attempt})
+                torch.manual_seed(run.seed)
+                work = copy.deepcopy(net)
+            result = _mpl(work, volumes, patch, run, steps, progress, snapshot_steps)
+            result.restarts = attempt
+            if source_shares is None:
+                break
+            result.collapsed = collapsed_structures(
+                source_shares, structure_shares(result.net, volumes, patch), cfg
+            )
+            if not result.collapsed:
+                break
     progress(100.0)
     result.seconds = time.perf_counter() - start
     return result

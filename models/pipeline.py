@@ -228,6 +228,8 @@ def _write_json(result: ScanResult, bundle: Bundle, method: str, adapted: AdaptR
         steps_run=adapted.steps_run if adapted else 0,
         adaptation_seconds=round(adapted.seconds, 3) if adapted else 0.0,
         adaptation_stopped_early=adapted.stopped_early if adapted else False,
+        adaptation_restarts=adapted.restarts if adapted else 0,
+        adaptation_collapsed=[bundle.card.labels[c] for c in adapted.collapsed] if adapted else [],
         adaptation_signals=adapted.history[-1] if adapted and adapted.history else {},
     )
     result.json_path.write_text(json.dumps(record, indent=2) + "\n")

@@ -204,3 +204,52 @@ def test_adaptation_core_needs_no_imaging_stack():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+def test_collapse_rule_needs_a_structure_to_shrink_in_a_share_of_the_scans():
+    from models.adaptation import collapsed_structures
+
+    cfg = AdaptConfig()  # 3x shrink in at least a quarter of the scans that have the structure
+    source = np.tile([[0.02, 0.05, 0.04]], (8, 1))
+    source[4:, 0] = 0.0  # structure 1 is absent from half the scans: only 4 count
+    assert collapsed_structures(source, source * 2, cfg) == []  # growth is no collapse
+    adapted = source.copy()
+    adapted[0, 0] = 0.001  # one of 4 scans that show structure 1 loses it: a quarter
+    assert collapsed_structures(source, adapted, cfg) == [1]
+    adapted = source.copy()
+    adapted[:2, 1] = 0.02  # structure 2 shrinks 2.5x in 2 of 8: not beyond 3x
+    adapted[2, 2] = 0.0  # structure 3 vanishes in 1 of 8: under a quarter
+    assert collapsed_structures(source, adapted, cfg) == []
+
+
+def test_mpl_restarts_from_the_source_with_the_next_seed_after_a_collapse(tiny_bundle, shifted, monkeypatch):
+    import torch
+
+    import models.adaptation as adaptation
+    from models.pipeline import load_scans
+
+    volumes = [s.array for s in load_scans([img for img, _ in shifted], tiny_bundle, None)]
+    net = tiny_bundle.load_network()
+    seeds, verdicts = [], iter([[1], []])
+    real_mpl = adaptation._mpl
+
+    def recording_mpl(work, volumes, patch, cfg, *args):
+        seeds.append(cfg.seed)
+        source = net.state_dict()
+        assert all(torch.equal(v, source[k]) for k, v in work.state_dict().items())  # from the source weights
+        return real_mpl(work, volumes, patch, cfg, *args)
+
+    monkeypatch.setattr(adaptation, "_mpl", recording_mpl)
+    monkeypatch.setattr(adaptation, "collapsed_structures", lambda *a: next(verdicts))
+    result = adapt(net, volumes, tiny_bundle.card.patch_size, "mpl", 3, FAST.model_copy(update={"seed": 5}))
+    assert seeds == [5, 6] and result.restarts == 1 and result.collapsed == []
+
+    seeds.clear()
+    monkeypatch.setattr(adaptation, "collapsed_structures", lambda *a: [2])
+    result = adapt(
+        net, volumes, tiny_bundle.card.patch_size, "mpl", 3, FAST.model_copy(update={"restarts": 2})
+    )
+    assert seeds == [0, 1, 2] and result.restarts == 2 and result.collapsed == [2]
+    seeds.clear()
+    adapt(net, volumes, tiny_bundle.card.patch_size, "mpl", 3, FAST.model_copy(update={"restarts": 0}))
+    assert seeds == [0]
