@@ -354,7 +354,8 @@ def adapt(
     ``snapshot_steps``: keep the adapted weights after these numbers of updates (for Dice-vs-steps curves).
     ``mpl`` compares each structure's share of every scan before and after adapting; if one collapsed across the
     batch (``collapsed_structures``) it adapts again from the source weights with the next seed, up to
-    ``cfg.restarts`` times, and reports the restarts and any structure still collapsed.
+    ``cfg.restarts`` times, and reports the restarts and any structure still collapsed. Progress reaches 100 once,
+    when the last attempt is done; a restart starts it again from 0.
     """
     if method not in METHODS:
         raise ValueError(f"unknown adaptation method {method!r}; choose one of {', '.join(METHODS)}")
@@ -375,13 +376,14 @@ def adapt(
         result = _tent(work, volumes, patch, cfg, steps, progress, snapshot_steps)
     else:
         source_shares = structure_shares(work, volumes, patch) if cfg.restarts and steps else None
+        attempt_progress = progress if source_shares is None else (lambda pct: progress(min(pct, 99.0)))
         run = cfg
         for attempt in range(cfg.restarts + 1):
             if attempt:  # a structure collapsed: start again from the source weights with the next seed
                 run = cfg.model_copy(update={"seed": cfg.seed + attempt})
                 torch.manual_seed(run.seed)
                 work = copy.deepcopy(net)
-            result = _mpl(work, volumes, patch, run, steps, progress, snapshot_steps)
+            result = _mpl(work, volumes, patch, run, steps, attempt_progress, snapshot_steps)
             result.restarts = attempt
             if source_shares is None:
                 break

@@ -241,8 +241,18 @@ def test_mpl_restarts_from_the_source_with_the_next_seed_after_a_collapse(tiny_b
 
     monkeypatch.setattr(adaptation, "_mpl", recording_mpl)
     monkeypatch.setattr(adaptation, "collapsed_structures", lambda *a: next(verdicts))
-    result = adapt(net, volumes, tiny_bundle.card.patch_size, "mpl", 3, FAST.model_copy(update={"seed": 5}))
+    reported = []
+    result = adapt(
+        net,
+        volumes,
+        tiny_bundle.card.patch_size,
+        "mpl",
+        3,
+        FAST.model_copy(update={"seed": 5}),
+        reported.append,
+    )
     assert seeds == [5, 6] and result.restarts == 1 and result.collapsed == []
+    assert reported[-1] == 100.0 and max(reported[:-1]) < 100.0  # done once, after the restart
 
     seeds.clear()
     monkeypatch.setattr(adaptation, "collapsed_structures", lambda *a: [2])
