@@ -14,7 +14,8 @@ accelerator and only torch, MONAI and pydantic there:
 
 ``adapt`` writes ``adapt.json`` (settings, seconds, seconds per step, peak GPU memory, the label-free history) and
 one ``<method>-<step>.pt`` per checkpoint; ``score`` adds the curves and writes the same JSON layout as
-``benchmarks.adaptation_steps``. Early stopping and restarts are off, as there.
+``benchmarks.adaptation_steps``. Early stopping and restarts are off, as there. ``collapse`` applies ``mpl``'s
+restart rule (``models.adaptation.collapsed_structures``) to the snapshots, without labels.
 """
 
 from __future__ import annotations
@@ -171,6 +172,45 @@ def score(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def collapse(args: argparse.Namespace) -> None:
+    """The restart rule on every snapshot of some adapt runs: which structures collapsed, in how many scans."""
+    from models.adaptation import MIN_SHARE, AdaptConfig, collapsed_structures, structure_shares
+    from models.network import GlobalLocalUNet, NetworkConfig
+
+    rule = AdaptConfig()
+    card = json.loads((args.packed / CARD_FILE).read_text())
+    with np.load(args.packed / BATCH_FILE) as batch:
+        volumes = [batch[c] for c in card["cases"]]
+    net = GlobalLocalUNet(NetworkConfig(**card["network"]))
+    net.load_state_dict(torch.load(args.packed / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+    source = structure_shares(net, volumes, card["patch_size"])
+    present = source >= MIN_SHARE
+    rows = []
+    print(
+        "| snapshot | collapsed | scans shrunk > 3x per structure | scans with the structure |\n|---|---|---|---|"
+    )
+    for path in [p for folder in args.snapshots for p in sorted(folder.glob("*-*.pt"))]:
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        adapted = structure_shares(net, volumes, card["patch_size"])
+        row = {
+            "snapshot": str(path),
+            "collapsed": collapsed_structures(source, adapted, rule),
+            "scans_shrunk": (present & (adapted * rule.collapse_ratio < source)).sum(0).tolist(),
+            "scans_with_structure": present.sum(0).tolist(),
+        }
+        rows.append(row)
+        print(f"| {path} | {row['collapsed']} | {row['scans_shrunk']} | {row['scans_with_structure']} |")
+    report = {
+        "task": card["task"],
+        "command": " ".join(["python -m benchmarks.adaptation_offload", *sys.argv[1:]]),
+        "rule": rule.model_dump(include={"collapse_ratio", "collapse_scans"}),
+        "snapshots": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -198,6 +238,11 @@ def main() -> None:
     s.add_argument("snapshots", type=Path)
     s.add_argument("--out", type=Path, required=True)
     s.set_defaults(run=score)
+    c = sub.add_parser("collapse", help="the restart rule on every snapshot of some adapt runs (label-free)")
+    c.add_argument("packed", type=Path)
+    c.add_argument("snapshots", type=Path, nargs="+")
+    c.add_argument("--out", type=Path, required=True)
+    c.set_defaults(run=collapse)
     args = parser.parse_args()
     args.run(args)
 
