@@ -1,4 +1,4 @@
-"""The split steps benchmark: pack here, adapt where only torch is, score here; step 0 is the source model."""
+"""The split steps benchmark: pack here, adapt where only torch is, score and check here; step 0 is the source."""
 
 from __future__ import annotations
 
@@ -29,3 +29,7 @@ def test_pack_adapt_score_round_trip(data_dir, tmp_path):
     # step 0 is the committed source model: subject1's Dice in the bssfp-lge table's `none` column
     assert abs(curve["0"]["scans"]["subject1_lge"] - 0.674) < 0.005
     assert abs(curve["1"]["mean_dice"] - curve["0"]["mean_dice"]) < 0.05
+    _offload("collapse", str(packed), str(snapshots), "--out", str(tmp_path / "collapse.json"))
+    (row,) = json.loads((tmp_path / "collapse.json").read_text())["snapshots"]
+    assert row["collapsed"] == [] and row["scans_shrunk"] == [0, 0, 0]  # one step keeps the heart
+    assert row["scans_with_structure"][1:] == [1, 1]  # the source model finds the myocardium and LV cavity
