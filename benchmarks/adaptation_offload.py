@@ -34,6 +34,25 @@ from benchmarks.adaptation import DATA, TASKS, machine
 BATCH_FILE, CARD_FILE, WEIGHTS_FILE, ADAPT_FILE = "batch.npz", "batch.json", "weights.pt", "adapt.json"
 
 
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _source_network(packed: Path, card: dict):
+    """The packed source network (CPU, eval mode)."""
+    from models.network import GlobalLocalUNet, NetworkConfig
+
+    net = GlobalLocalUNet(NetworkConfig(**card["network"]))
+    net.load_state_dict(_weights(packed / WEIGHTS_FILE))
+    return net.eval()
+
+
+def _volumes(packed: Path, card: dict) -> list[np.ndarray]:
+    """The packed batch on the model grid, in the card's order."""
+    with np.load(packed / BATCH_FILE) as batch:
+        return [batch[c] for c in card["cases"]]
+
+
 def pack(args: argparse.Namespace) -> None:
     """Prepare the task's batch on the model grid and save it with the source weights and settings."""
     from models.bundle import resolve_bundle
@@ -68,14 +87,10 @@ def pack(args: argparse.Namespace) -> None:
 def adapt_packed(args: argparse.Namespace) -> None:
     """Adapt the packed source weights to the packed batch; save the snapshots and the timings."""
     from models.adaptation import AdaptConfig, adapt
-    from models.network import GlobalLocalUNet, NetworkConfig
 
     card = json.loads((args.packed / CARD_FILE).read_text())
-    with np.load(args.packed / BATCH_FILE) as batch:
-        volumes = [batch[c] for c in card["cases"]]
-    net = GlobalLocalUNet(NetworkConfig(**card["network"]))
-    net.load_state_dict(torch.load(args.packed / WEIGHTS_FILE, map_location="cpu", weights_only=True))
-    net = net.to(args.device).eval()
+    volumes = _volumes(args.packed, card)
+    net = _source_network(args.packed, card).to(args.device)
     last = max(args.checkpoints)
     overrides = json.loads(args.config)
     config = AdaptConfig(**{**card["adapt_config"], "restarts": 0, **overrides, "min_steps": last + 1})
@@ -118,7 +133,6 @@ def score(args: argparse.Namespace) -> None:
     from benchmarks.adaptation_steps import dice_per_scan
     from models.bundle import resolve_bundle
     from models.io import case_name
-    from models.network import GlobalLocalUNet, NetworkConfig
     from models.pipeline import load_scans
     from models.postprocessing import LargestComponent
 
@@ -128,14 +142,14 @@ def score(args: argparse.Namespace) -> None:
     label_dir = DATA / TASKS[card["task"]][2]
     labelled = set(card["labelled_scans"])
     scans = load_scans([p for p in card["inputs"] if case_name(p) in labelled], bundle, None)
-    net = GlobalLocalUNet(NetworkConfig(**card["network"]))
+    net = _source_network(args.packed, card)
     method = run["method"]
     weights = {0: args.packed / WEIGHTS_FILE} | {
         int(p.stem.rsplit("-", 1)[1]): p for p in args.snapshots.glob(f"{method}-*.pt")
     }
     curve = {}
     for step, path in sorted(weights.items()):
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        net.load_state_dict(_weights(path))
         per_scan = dice_per_scan(
             net,
             scans,
@@ -174,29 +188,27 @@ def score(args: argparse.Namespace) -> None:
 
 def collapse(args: argparse.Namespace) -> None:
     """The restart rule on every snapshot of some adapt runs: which structures collapsed, in how many scans."""
-    from models.adaptation import MIN_SHARE, AdaptConfig, collapsed_structures, structure_shares
-    from models.network import GlobalLocalUNet, NetworkConfig
+    from models.adaptation import AdaptConfig, collapsed_structures, shrunk_scans, structure_shares
 
     rule = AdaptConfig()
     card = json.loads((args.packed / CARD_FILE).read_text())
-    with np.load(args.packed / BATCH_FILE) as batch:
-        volumes = [batch[c] for c in card["cases"]]
-    net = GlobalLocalUNet(NetworkConfig(**card["network"]))
-    net.load_state_dict(torch.load(args.packed / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+    volumes = _volumes(args.packed, card)
+    net = _source_network(args.packed, card)
     source = structure_shares(net, volumes, card["patch_size"])
-    present = source >= MIN_SHARE
     rows = []
     print(
-        "| snapshot | collapsed | scans shrunk > 3x per structure | scans with the structure |\n|---|---|---|---|"
+        f"| snapshot | collapsed | scans shrunk > {rule.collapse_ratio:g}x per structure | scans with the structure |"
+        "\n|---|---|---|---|"
     )
     for path in [p for folder in args.snapshots for p in sorted(folder.glob("*-*.pt"))]:
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        net.load_state_dict(_weights(path))
         adapted = structure_shares(net, volumes, card["patch_size"])
+        shrunk, present = shrunk_scans(source, adapted, rule)
         row = {
             "snapshot": str(path),
             "collapsed": collapsed_structures(source, adapted, rule),
-            "scans_shrunk": (present & (adapted * rule.collapse_ratio < source)).sum(0).tolist(),
-            "scans_with_structure": present.sum(0).tolist(),
+            "scans_shrunk": shrunk.tolist(),
+            "scans_with_structure": present.tolist(),
         }
         rows.append(row)
         print(f"| {path} | {row['collapsed']} | {row['scans_shrunk']} | {row['scans_with_structure']} |")

@@ -26,7 +26,7 @@ from torch import nn
 
 from models.network import GlobalLocalUNet, cosine_consistency, crop_resize
 from models.postprocessing import LargestComponent, keep_largest_component
-from models.sampling import Views, block_mask, box_of, global_view, make_views, pad_to_patch
+from models.sampling import Views, block_mask, make_views
 
 METHODS = ("none", "norm", "tent", "mpl")
 MIN_SHARE = 1e-3  # a structure below this share of a scan's global view is absent from it
@@ -311,32 +311,32 @@ def _mpl(
 
 @torch.no_grad()
 def structure_shares(net: GlobalLocalUNet, volumes: Sequence[np.ndarray], patch: Sequence[int]) -> np.ndarray:
-    """Each structure's share of every scan's global view in the network's label map, (scans, structures)."""
+    """Each structure's share of every scan's global view in the network's label map, (scans, structures).
+
+    The global head sees the global view only, so the local patch that goes with it may lie anywhere.
+    """
     net.eval()
     dev = _device(net)
     shares = []
     for volume in volumes:
-        padded, _ = pad_to_patch(volume, patch)
-        whole = torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32))[None, None]
-        starts = [(n - p) // 2 for n, p in zip(padded.shape, patch, strict=True)]
-        local = whole[(..., *(slice(s, s + p) for s, p in zip(starts, patch, strict=True)))]
-        box = box_of(starts, patch, padded.shape)[None]
-        logits = net(local.to(dev), global_view(whole, patch).to(dev), box.to(dev)).global_logits
-        labels = logits.argmax(1)
-        shares.append([float((labels == c).float().mean()) for c in range(1, logits.shape[1])])
+        v = make_views([volume], patch, np.random.default_rng(0)).to(dev)
+        labels = net(v.local, v.global_view, v.box).global_logits.argmax(1)
+        shares.append([float((labels == c).float().mean()) for c in range(1, net.config.out_channels)])
     return np.asarray(shares)
+
+
+def shrunk_scans(source: np.ndarray, adapted: np.ndarray, cfg: AdaptConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per structure: in how many scans it shrank more than ``collapse_ratio``-fold (or vanished), and in how many
+    scans the source network finds it."""
+    present = source >= MIN_SHARE
+    return (present & (adapted * cfg.collapse_ratio < source)).sum(0), present.sum(0)
 
 
 def collapsed_structures(source: np.ndarray, adapted: np.ndarray, cfg: AdaptConfig) -> list[int]:
     """Labels of the structures that shrank more than ``collapse_ratio``-fold, or vanished, in at least a
     ``collapse_scans`` fraction of the scans where the source network finds them."""
-    present = source >= MIN_SHARE
-    shrunk = present & (adapted * cfg.collapse_ratio < source)
-    return [
-        c + 1
-        for c in range(source.shape[1])
-        if present[:, c].any() and shrunk[:, c].sum() >= cfg.collapse_scans * present[:, c].sum()
-    ]
+    shrunk, present = shrunk_scans(source, adapted, cfg)
+    return [c + 1 for c in range(len(present)) if present[c] and shrunk[c] >= cfg.collapse_scans * present[c]]
 
 
 def adapt(
