@@ -84,64 +84,112 @@ def pack(args: argparse.Namespace) -> None:
     print(f"packed {len(scans)} scans of {args.task} ({bundle.ref}) into {args.out}: {size:.1f} MiB")
 
 
-def adapt_packed(args: argparse.Namespace) -> None:
-    """Adapt the packed source weights to the packed batch; save the snapshots and the timings."""
+def _adapt_run(
+    packed: Path,
+    card: dict,
+    volumes: list[np.ndarray],
+    method: str,
+    checkpoints: list[int],
+    overrides: dict,
+    device: str,
+    out: Path,
+    half: bool = False,
+) -> dict:
+    """Adapt the packed source weights to the packed batch; save the snapshots (in half precision when asked) and
+    ``adapt.json`` with the timings into ``out``."""
     from models.adaptation import AdaptConfig, adapt
 
-    card = json.loads((args.packed / CARD_FILE).read_text())
-    volumes = _volumes(args.packed, card)
-    net = _source_network(args.packed, card).to(args.device)
-    last = max(args.checkpoints)
-    overrides = json.loads(args.config)
+    net = _source_network(packed, card).to(device)
+    last = max(checkpoints)
     config = AdaptConfig(**{**card["adapt_config"], "restarts": 0, **overrides, "min_steps": last + 1})
-    cuda = args.device.startswith("cuda")
+    cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    result = adapt(
-        net, volumes, card["patch_size"], args.method, last, config, snapshot_steps=args.checkpoints
-    )
+    result = adapt(net, volumes, card["patch_size"], method, last, config, snapshot_steps=checkpoints)
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    args.snapshots.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     for step, state in result.snapshots.items():
         if step:  # step 0 is the packed source weights
-            torch.save({k: v.cpu() for k, v in state.items()}, args.snapshots / f"{args.method}-{step}.pt")
+            state = {k: (v.half() if half and v.is_floating_point() else v).cpu() for k, v in state.items()}
+            torch.save(state, out / f"{method}-{step}.pt")
     report = {
         "task": card["task"],
         "bundle": card["bundle"],
         "batch_size": len(volumes),
-        "method": args.method,
+        "method": method,
         "steps": last,
         "adapt_config": config.model_dump(mode="json"),
         "config_overrides": overrides,
-        "device": args.device,
+        "device": device,
         "machine": machine(),
         "command": " ".join(["python -m benchmarks.adaptation_offload", *sys.argv[1:]]),
+        "snapshots_in_half_precision": half,
         "seconds": round(seconds, 2),
         "seconds_per_step": round(seconds / max(last, 1), 4),
         "peak_gpu_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None,
         "history": result.history,
     }
-    (args.snapshots / ADAPT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{args.method}: {last} steps in {seconds:.1f} s ({report['seconds_per_step'] * 1e3:.0f} ms/step)")
+    (out / ADAPT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        f"{out.name}: {last} steps in {seconds:.1f} s ({report['seconds_per_step'] * 1e3:.0f} ms/step)",
+        flush=True,
+    )
+    return report
+
+
+def adapt_packed(args: argparse.Namespace) -> None:
+    """Adapt the packed source weights to the packed batch; save the snapshots and the timings."""
+    card = json.loads((args.packed / CARD_FILE).read_text())
+    volumes = _volumes(args.packed, card)
+    overrides = json.loads(args.config)
+    _adapt_run(
+        args.packed, card, volumes, args.method, args.checkpoints, overrides, args.device, args.snapshots
+    )
+
+
+def sweep(args: argparse.Namespace) -> None:
+    """Adapt once per setting and seed: ``<snapshots>/<name>-seed<seed>/``, each as ``adapt`` writes it."""
+    card = json.loads((args.packed / CARD_FILE).read_text())
+    volumes = _volumes(args.packed, card)
+    grid = dict(item.split("=", 1) for item in args.grid)
+    for name, overrides in grid.items():
+        for seed in args.seeds:
+            _adapt_run(
+                args.packed,
+                card,
+                volumes,
+                args.method,
+                args.checkpoints,
+                {**json.loads(overrides), "seed": seed},
+                args.device,
+                args.snapshots / f"{name}-seed{seed}",
+                half=args.half,
+            )
+
+
+def _labelled(packed: Path, card: dict):
+    """The task's bundle, its labelled scans read as the pipeline reads them, and their label folder."""
+    from models.bundle import resolve_bundle
+    from models.io import case_name
+    from models.pipeline import load_scans
+
+    bundle = resolve_bundle(card["bundle"])
+    labelled = set(card["labelled_scans"])
+    scans = load_scans([p for p in card["inputs"] if case_name(p) in labelled], bundle, None)
+    return bundle, scans, DATA / TASKS[card["task"]][2]
 
 
 def score(args: argparse.Namespace) -> None:
     """Score the source weights and every snapshot on the labelled scans; print a table and write JSON."""
     from benchmarks.adaptation_steps import dice_per_scan
-    from models.bundle import resolve_bundle
-    from models.io import case_name
-    from models.pipeline import load_scans
     from models.postprocessing import LargestComponent
 
     card = json.loads((args.packed / CARD_FILE).read_text())
     run = json.loads((args.snapshots / ADAPT_FILE).read_text())
-    bundle = resolve_bundle(card["bundle"])
-    label_dir = DATA / TASKS[card["task"]][2]
-    labelled = set(card["labelled_scans"])
-    scans = load_scans([p for p in card["inputs"] if case_name(p) in labelled], bundle, None)
+    bundle, scans, label_dir = _labelled(args.packed, card)
     net = _source_network(args.packed, card)
     method = run["method"]
     weights = {0: args.packed / WEIGHTS_FILE} | {
@@ -183,6 +231,90 @@ def score(args: argparse.Namespace) -> None:
     print("| steps | mean Dice |\n|---|---|")
     for step, point in curve.items():
         print(f"| {step} | {point['mean_dice']:.3f} |")
+    print(f"wrote {args.out}")
+
+
+def score_sweep(args: argparse.Namespace) -> None:
+    """Score the last snapshot of every run of a sweep, each seed alone and the seeds' mean probabilities
+    (an ensemble), against the source model; print a table and write JSON."""
+    from benchmarks.adaptation_steps import scan_dice
+    from models.inference import predict_volume, torch_predictor
+    from models.postprocessing import LargestComponent
+
+    card = json.loads((args.packed / CARD_FILE).read_text())
+    bundle, scans, label_dir = _labelled(args.packed, card)
+    net = _source_network(args.packed, card)
+    clean_up = LargestComponent(card["largest_component"])
+
+    def probabilities(weights: Path) -> list[np.ndarray]:
+        net.load_state_dict(_weights(weights))
+        predict = torch_predictor(net.eval())
+        return [predict_volume(scan.array, predict, card["patch_size"]) for scan in scans]
+
+    def scored(probs: list[np.ndarray]) -> dict:
+        per_scan = {
+            s.case: scan_dice(p, s, label_dir, bundle.card.labels, clean_up)
+            for s, p in zip(scans, probs, strict=True)
+        }
+        return {"mean_dice": round(float(np.mean(list(per_scan.values()))), 4), "scans": per_scan}
+
+    source = scored(probabilities(args.packed / WEIGHTS_FILE))
+    runs: dict[str, list[tuple[int, dict, Path]]] = {}
+    for folder in sorted(p for p in args.sweep.iterdir() if (p / ADAPT_FILE).exists()):
+        run = json.loads((folder / ADAPT_FILE).read_text())
+        name = folder.name.rsplit("-seed", 1)[0]
+        runs.setdefault(name, []).append((run["adapt_config"]["seed"], run, folder))
+    settings = {}
+    for name, seeds in runs.items():
+        total, rows = None, {}
+        for seed, run, folder in sorted(seeds, key=lambda r: r[0]):
+            probs = probabilities(folder / f"{run['method']}-{run['steps']}.pt")
+            total = probs if total is None else [t + p for t, p in zip(total, probs, strict=True)]
+            rows[seed] = {
+                **scored(probs),
+                **{k: run[k] for k in ("seconds", "seconds_per_step", "peak_gpu_memory_mib", "steps")},
+            }
+            print(f"{name} seed {seed}: mean Dice {rows[seed]['mean_dice']:.3f}", flush=True)
+        ensemble = scored([t / len(rows) for t in total])
+        worst = min(r["scans"][c] - v for r in rows.values() for c, v in source["scans"].items())
+        settings[name] = {
+            "overrides": {k: v for k, v in seeds[0][1]["config_overrides"].items() if k != "seed"},
+            "seeds": rows,
+            "mean_over_seeds": round(float(np.mean([r["mean_dice"] for r in rows.values()])), 4),
+            "ensemble_of_seeds": ensemble,
+            "worst_scan_vs_none": round(worst, 4),
+        }
+    report = {
+        "task": card["task"],
+        "bundle": card["bundle"],
+        "batch_size": len(card["cases"]),
+        "labelled_scans": card["labelled_scans"],
+        "largest_component": card["largest_component"],
+        "adapted_on": next(iter(runs.values()))[0][1]["machine"] if runs else None,
+        "scored_on": machine(),
+        "command": " ".join(["python -m benchmarks.adaptation_offload", *sys.argv[1:]]),
+        "none": source,
+        "settings": settings,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    seeds = sorted({seed for row in settings.values() for seed in row["seeds"]})
+    print(
+        f"\n{card['task']}: {card['bundle']}, batch of {len(card['cases'])}, none {source['mean_dice']:.3f}\n"
+    )
+    print(
+        "| setting | "
+        + " | ".join(f"seed {s}" for s in seeds)
+        + " | mean | ensemble of seeds | worst scan vs none"
+        " | ms/step |\n|" + "---|" * (len(seeds) + 5)
+    )
+    for name, row in settings.items():
+        cells = [f"{row['seeds'][s]['mean_dice']:.3f}" if s in row["seeds"] else "" for s in seeds]
+        ms = np.mean([r["seconds_per_step"] for r in row["seeds"].values()]) * 1e3
+        print(
+            f"| {name} | {' | '.join(cells)} | {row['mean_over_seeds']:.3f} | "
+            f"{row['ensemble_of_seeds']['mean_dice']:.3f} | {100 * row['worst_scan_vs_none']:+.1f} | {ms:.0f} |"
+        )
     print(f"wrote {args.out}")
 
 
@@ -245,11 +377,26 @@ def main() -> None:
     a.add_argument("--device", default="cuda", help="cuda or cpu")
     a.add_argument("--snapshots", type=Path, required=True, help="folder for the snapshots and adapt.json")
     a.set_defaults(run=adapt_packed)
+    w = sub.add_parser("sweep", help="adapt a packed batch once per setting and seed")
+    w.add_argument("packed", type=Path)
+    w.add_argument("--grid", nargs="+", required=True, help="NAME=JSON: AdaptConfig overrides per setting")
+    w.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    w.add_argument("--method", choices=["tent", "mpl"], default="mpl")
+    w.add_argument("--checkpoints", nargs="+", type=int, default=[100])
+    w.add_argument("--device", default="cuda", help="cuda or cpu")
+    w.add_argument("--half", action="store_true", help="store the snapshots in half precision (smaller)")
+    w.add_argument("--snapshots", type=Path, required=True, help="folder for one sub-folder per run")
+    w.set_defaults(run=sweep)
     s = sub.add_parser("score", help="score the snapshots of one adapt run")
     s.add_argument("packed", type=Path)
     s.add_argument("snapshots", type=Path)
     s.add_argument("--out", type=Path, required=True)
     s.set_defaults(run=score)
+    v = sub.add_parser("score-sweep", help="score a sweep: each seed, their ensemble, against the source")
+    v.add_argument("packed", type=Path)
+    v.add_argument("sweep", type=Path)
+    v.add_argument("--out", type=Path, required=True)
+    v.set_defaults(run=score_sweep)
     c = sub.add_parser("collapse", help="the restart rule on every snapshot of some adapt runs (label-free)")
     c.add_argument("packed", type=Path)
     c.add_argument("snapshots", type=Path, nargs="+")

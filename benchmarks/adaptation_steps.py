@@ -27,25 +27,34 @@ from benchmarks.adaptation import DATA, RESULTS, TASKS, machine
 from models.postprocessing import LargestComponent
 
 
+def scan_dice(
+    probs: np.ndarray, scan, label_dir: Path, labels: dict[int, str], largest_component: LargestComponent
+) -> float:
+    """Mean Dice over structures of a labelled scan's segmentation from class probabilities on the model grid."""
+    from models.evaluation import evaluate_case
+    from models.postprocessing import keep_largest_component
+    from models.preprocessing import label_image, probabilities_to_original
+
+    argmax = probabilities_to_original(probs, scan).argmax(0).astype(np.uint8)
+    pred = label_image(keep_largest_component(argmax, len(labels), largest_component), scan.original)
+    ref = sitk.ReadImage(str(next(label_dir.glob(f"{scan.case}.*"))))
+    metrics = evaluate_case(pred, ref, labels)
+    return round(float(np.nanmean([m["dice"] for m in metrics.values()])), 4)
+
+
 def dice_per_scan(
     net, scans, label_dir: Path, patch, labels: dict[int, str], largest_component: LargestComponent
 ) -> dict[str, float]:
     """Mean Dice over structures for each labelled scan segmented by ``net`` (eager, on its own grid)."""
-    from models.evaluation import evaluate_case
     from models.inference import predict_volume, torch_predictor
-    from models.postprocessing import keep_largest_component
-    from models.preprocessing import label_image, probabilities_to_original
 
     predict = torch_predictor(net.eval())
-    out = {}
-    for scan in scans:
-        probs = probabilities_to_original(predict_volume(scan.array, predict, patch), scan)
-        argmax = probs.argmax(0).astype(np.uint8)
-        pred = label_image(keep_largest_component(argmax, len(labels), largest_component), scan.original)
-        ref = sitk.ReadImage(str(next(label_dir.glob(f"{scan.case}.*"))))
-        metrics = evaluate_case(pred, ref, labels)
-        out[scan.case] = round(float(np.nanmean([m["dice"] for m in metrics.values()])), 4)
-    return out
+    return {
+        scan.case: scan_dice(
+            predict_volume(scan.array, predict, patch), scan, label_dir, labels, largest_component
+        )
+        for scan in scans
+    }
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -44,6 +45,9 @@ class AdaptConfig(BaseModel):
     mask_ratio: float = 0.7
     mask_block: tuple[int, int, int] = (2, 16, 16)
     confidence: float = 0.8
+    # spatial axes (0 slices, 1 rows, 2 columns) along which the teacher also labels the mirrored views: its
+    # pseudo-labels are then the mean of the plain and mirrored predictions
+    teacher_flips: tuple[Literal[0, 1, 2], ...] = ()
     pseudo_label_clean_up: LargestComponent | None = None  # None: as the label maps' clean-up
     student_sees_unmasked: bool = True
     global_weight: float = 0.5
@@ -219,6 +223,33 @@ def clean_pseudo_labels(
     return torch.where(inside, pseudo_local, torch.zeros_like(pseudo_local)), kept_global
 
 
+def _mirrored(local: torch.Tensor, gview: torch.Tensor, box: torch.Tensor, axis: int):
+    """The views mirrored along spatial ``axis``, with the patch's box mirrored inside the scan."""
+    flipped = box.clone()
+    flipped[:, axis], flipped[:, axis + 3] = 1 - box[:, axis + 3], 1 - box[:, axis]
+    return local.flip(axis + 2), gview.flip(axis + 2), flipped
+
+
+@torch.no_grad()
+def teacher_probabilities(
+    teacher: GlobalLocalUNet,
+    local: torch.Tensor,
+    gview: torch.Tensor,
+    box: torch.Tensor,
+    flips: Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's local and global class probabilities, averaged over the plain views and their mirror images
+    along each of ``flips``, and its local logits on the plain views."""
+    out = teacher(local, gview, box)
+    p_local, p_global = torch.softmax(out.local_logits, 1), torch.softmax(out.global_logits, 1)
+    for axis in flips:
+        mirrored = teacher(*_mirrored(local, gview, box, axis))
+        p_local += torch.softmax(mirrored.local_logits, 1).flip(axis + 2)
+        p_global += torch.softmax(mirrored.global_logits, 1).flip(axis + 2)
+    n = 1 + len(flips)
+    return p_local / n, p_global / n, out.local_logits
+
+
 @torch.no_grad()
 def _ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     for t, s in zip(teacher.state_dict().values(), student.state_dict().values(), strict=True):
@@ -264,8 +295,7 @@ def _mpl(
         v = _random_views(volumes, patch, cfg, rng)
         local, gview, box = v.local.to(dev), v.global_view.to(dev), v.box.to(dev)
         with torch.no_grad():
-            t_out = teacher(local, gview, box)
-            t_local, t_global = torch.softmax(t_out.local_logits, 1), torch.softmax(t_out.global_logits, 1)
+            t_local, t_global, t_logits = teacher_probabilities(teacher, local, gview, box, cfg.teacher_flips)
             conf_l, pseudo_l = t_local.max(1)
             conf_g, pseudo_g = t_global.max(1)
             w_l, w_g = (conf_l >= cfg.confidence).float(), (conf_g >= cfg.confidence).float()
@@ -294,7 +324,7 @@ def _mpl(
                 "step": step,
                 "loss": float(loss.detach()),
                 "agreement": agreement,
-                "teacher_entropy": float(_entropy(t_out.local_logits).mean()),
+                "teacher_entropy": float(_entropy(t_logits).mean()),
                 "confident_fraction": float(w_l.mean()),
             }
         )

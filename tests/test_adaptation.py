@@ -263,3 +263,27 @@ def test_mpl_restarts_from_the_source_with_the_next_seed_after_a_collapse(tiny_b
     seeds.clear()
     adapt(net, volumes, tiny_bundle.card.patch_size, "mpl", 3, FAST.model_copy(update={"restarts": 0}))
     assert seeds == [0]
+
+
+def test_mirrored_teacher_labels_a_mirrored_scan_as_the_mirror_image():
+    """Averaging the teacher over mirrored views (box mirrored too) makes its pseudo-labels mirror-equivariant."""
+    import torch
+
+    from models.adaptation import teacher_probabilities
+    from models.network import GlobalLocalUNet
+
+    torch.manual_seed(0)
+    net = GlobalLocalUNet(PHANTOM_NETWORK).eval()
+    local, gview = torch.randn(1, 1, *PHANTOM_PATCH), torch.randn(1, 1, *PHANTOM_PATCH)
+    box = torch.tensor([[0.0, 0.0, 0.5, 0.5, 0.5, 1.0]])  # (z0, y0, x0, z1, y1, x1): an off-centre quarter
+    mirrored_boxes = {1: [[0.0, 0.5, 0.5, 0.5, 1.0, 1.0]], 2: [[0.0, 0.0, 0.0, 0.5, 0.5, 0.5]]}
+    for axis, mirrored_box in mirrored_boxes.items():
+        mirrored = (local.flip(axis + 2), gview.flip(axis + 2), torch.tensor(mirrored_box))
+        p_local, p_global, _ = teacher_probabilities(net, local, gview, box, (axis,))
+        m_local, m_global, _ = teacher_probabilities(net, *mirrored, (axis,))
+        assert torch.allclose(m_local, p_local.flip(axis + 2), atol=1e-5)
+        assert torch.allclose(m_global, p_global.flip(axis + 2), atol=1e-5)
+        plain, _, _ = teacher_probabilities(net, *mirrored, ())
+        assert not torch.allclose(plain, p_local.flip(axis + 2), atol=1e-3)  # the plain teacher is not
+    with pytest.raises(ValueError):
+        AdaptConfig(teacher_flips=(3,))
