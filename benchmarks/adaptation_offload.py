@@ -293,6 +293,7 @@ def score_sweep(args: argparse.Namespace) -> None:
         "adapted_on": next(iter(runs.values()))[0][1]["machine"] if runs else None,
         "scored_on": machine(),
         "command": " ".join(["python -m benchmarks.adaptation_offload", *sys.argv[1:]]),
+        "adapt_commands": sorted({run["command"] for seeds in runs.values() for _, run, _ in seeds}),
         "none": source,
         "settings": settings,
     }
