@@ -16,6 +16,14 @@ accelerator and only torch, MONAI and pydantic there:
 one ``<method>-<step>.pt`` per checkpoint; ``score`` adds the curves and writes the same JSON layout as
 ``benchmarks.adaptation_steps``. Early stopping and restarts are off, as there. ``collapse`` applies ``mpl``'s
 restart rule (``models.adaptation.collapsed_structures``) to the snapshots, without labels.
+
+Settings side by side, several seeds each, in one process on the GPU host, then scored here (each seed, and the
+mean of the seeds' probabilities as an ensemble):
+
+    python -m benchmarks.adaptation_offload sweep runs/offload/bssfp-lge --seeds 0 1 2 --half \\
+        --grid base='{}' block8='{"mask_block": [2, 8, 8]}' --snapshots runs/offload/sweep/bssfp-lge
+    python -m benchmarks.adaptation_offload score-sweep runs/offload/bssfp-lge runs/offload/sweep/bssfp-lge \\
+        --out benchmarks/results/bssfp-lge-mpl-sweep-gpu.json
 """
 
 from __future__ import annotations
