@@ -178,6 +178,11 @@ def sweep(args: argparse.Namespace) -> None:
             )
 
 
+def _scored(per_scan: dict[str, float]) -> dict:
+    """Per-scan Dice with its mean, as the score JSONs record it."""
+    return {"mean_dice": round(float(np.mean(list(per_scan.values()))), 4), "scans": per_scan}
+
+
 def _labelled(packed: Path, card: dict):
     """The task's bundle, its labelled scans read as the pipeline reads them, and their label folder."""
     from models.bundle import resolve_bundle
@@ -214,7 +219,7 @@ def score(args: argparse.Namespace) -> None:
             bundle.card.labels,
             LargestComponent(card["largest_component"]),
         )
-        curve[step] = {"mean_dice": round(float(np.mean(list(per_scan.values()))), 4), "scans": per_scan}
+        curve[step] = _scored(per_scan)
         print(f"{method} step {step:4d}: mean Dice {curve[step]['mean_dice']:.3f}", flush=True)
     report = {
         **{k: run[k] for k in ("task", "bundle", "batch_size", "adapt_config", "device")},
@@ -260,11 +265,12 @@ def score_sweep(args: argparse.Namespace) -> None:
         return [predict_volume(scan.array, predict, card["patch_size"]) for scan in scans]
 
     def scored(probs: list[np.ndarray]) -> dict:
-        per_scan = {
-            s.case: scan_dice(p, s, label_dir, bundle.card.labels, clean_up)
-            for s, p in zip(scans, probs, strict=True)
-        }
-        return {"mean_dice": round(float(np.mean(list(per_scan.values()))), 4), "scans": per_scan}
+        return _scored(
+            {
+                s.case: scan_dice(p, s, label_dir, bundle.card.labels, clean_up)
+                for s, p in zip(scans, probs, strict=True)
+            }
+        )
 
     source = scored(probabilities(args.packed / WEIGHTS_FILE))
     runs: dict[str, list[tuple[int, dict, Path]]] = {}

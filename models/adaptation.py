@@ -247,8 +247,9 @@ def teacher_probabilities(
         mirrored = teacher(*_mirrored(local, gview, box, axis))
         p_local += torch.softmax(mirrored.local_logits, 1).flip(axis + 2)
         p_global += torch.softmax(mirrored.global_logits, 1).flip(axis + 2)
-    n = 1 + len(flips)
-    return p_local / n, p_global / n, out.local_logits
+    if flips:
+        p_local, p_global = p_local / (1 + len(flips)), p_global / (1 + len(flips))
+    return p_local, p_global, out.local_logits
 
 
 @torch.no_grad()
