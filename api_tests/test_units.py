@@ -12,6 +12,7 @@ import pytest
 from scan_files import zip_of
 
 from service.auth import KeyRing, hash_token, load_keys
+from service.celery_app import make_celery
 from service.config import Settings
 from service.db import Base, Database, Job, migrate, utcnow
 from service.jobs import recover
@@ -19,7 +20,6 @@ from service.storage import LocalStorage
 from service.uploads import UploadedFile, UploadError, assemble_scans, safe_name, sniff
 from workers import context as worker_context
 from workers import runner
-from workers.celery_app import make_celery
 
 
 def _upload(path: Path) -> UploadedFile:

@@ -14,15 +14,12 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated, Any
 
-from celery import Celery
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from sqlalchemy import func, select
@@ -30,8 +27,10 @@ from starlette.concurrency import run_in_threadpool
 
 from service import jobs as job_ops
 from service.auth import Client, KeyRing, load_keys
+from service.celery_app import make_celery
 from service.config import Settings, get_settings
 from service.db import Database, Job, Scan, Worker, migrate, utcnow
+from service.deps import AppState, Caller, State, authenticate
 from service.metrics import Metrics
 from service.schemas import (
     Error,
@@ -48,9 +47,8 @@ from service.schemas import (
     Timings,
     VolumesOut,
 )
-from service.storage import Storage, get_storage
+from service.storage import get_storage
 from service.uploads import FILE_FIELD, UploadError, assemble_scans, parse_multipart
-from workers.celery_app import make_celery
 
 log = logging.getLogger(__name__)
 
@@ -64,50 +62,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         422: "Invalid request.",
     }.items()
 }
-
-
-@dataclass
-class AppState:
-    """Process-wide resources of the API."""
-
-    settings: Settings
-    db: Database
-    storage: Storage
-    keys: KeyRing
-    celery: Celery
-    metrics: Metrics
-    checks: ThreadPoolExecutor
-
-
-def _state(request: Request) -> AppState:
-    return request.app.state.ttaseg
-
-
-State = Annotated[AppState, Depends(_state)]
-_bearer = HTTPBearer(auto_error=False, description="API token as `Authorization: Bearer <token>`.")
-_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="API token in `X-API-Key`.")
-
-
-def authenticate(
-    state: State,
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    api_key: Annotated[str | None, Depends(_api_key)],
-) -> Client:
-    """The calling client, from a Bearer token or an X-API-Key header (401 otherwise)."""
-    token = bearer.credentials if bearer is not None else api_key
-    client = state.keys.authenticate(token) if token else None
-    if client is None:
-        raise HTTPException(
-            401,
-            "missing or invalid API key"
-            if token
-            else "missing credentials: send `Authorization: Bearer <key>`",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    return client
-
-
-Caller = Annotated[Client, Depends(authenticate)]
 
 
 def _timings(job: Job) -> Timings:

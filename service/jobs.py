@@ -14,10 +14,10 @@ from datetime import timedelta
 from celery import Celery
 from sqlalchemy import func, or_, select, update
 
+from service.celery_app import RUN_JOB_TASK
 from service.db import Database, Job, Scan, utcnow
 from service.storage import Storage
 from service.uploads import StagedScan
-from workers.celery_app import RUN_JOB_TASK
 
 log = logging.getLogger(__name__)
 

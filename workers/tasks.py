@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workers.celery_app import RUN_JOB_TASK, make_celery
+from service.celery_app import RUN_JOB_TASK, make_celery
 
 celery_app = make_celery()
 

@@ -1,4 +1,6 @@
-"""Celery application shared by the API (which only sends tasks) and the workers (which run them)."""
+"""The Celery app and its task names: the API sends tasks by name, the workers (`workers.tasks`) register them.
+
+Both sides import this module; it imports nothing of the workers."""
 
 from __future__ import annotations
 

@@ -1,0 +1,62 @@
+"""Request dependencies shared by the routers: the app's resources and the calling client."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from service.auth import Client, KeyRing
+from service.config import Settings
+from service.db import Database
+from service.errors import ApiError
+from service.metrics import Metrics
+from service.storage import Storage
+
+
+@dataclass
+class AppState:
+    """Process-wide resources of the API, built once by the app's lifespan."""
+
+    settings: Settings
+    db: Database
+    storage: Storage
+    keys: KeyRing
+    celery: Celery
+    metrics: Metrics
+    checks: ThreadPoolExecutor
+
+
+def _state(request: Request) -> AppState:
+    return request.app.state.ttaseg
+
+
+State = Annotated[AppState, Depends(_state)]
+_bearer = HTTPBearer(auto_error=False, description="API token as `Authorization: Bearer <token>`.")
+_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="API token in `X-API-Key`.")
+
+
+def authenticate(
+    state: State,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    api_key: Annotated[str | None, Depends(_api_key)],
+) -> Client:
+    """The calling client, from a Bearer token or an X-API-Key header (401 otherwise)."""
+    token = bearer.credentials if bearer is not None else api_key
+    client = state.keys.authenticate(token) if token else None
+    if client is None:
+        raise ApiError(
+            401,
+            "missing or invalid API key"
+            if token
+            else "missing credentials: send `Authorization: Bearer <key>`",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return client
+
+
+Caller = Annotated[Client, Depends(authenticate)]
