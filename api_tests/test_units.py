@@ -17,7 +17,7 @@ from service.config import Settings
 from service.db import Base, Database, Job, migrate, utcnow
 from service.jobs import recover
 from service.storage import LocalStorage
-from service.uploads import UploadedFile, UploadError, assemble_scans, safe_name, sniff
+from service.uploads import ApiError, UploadedFile, assemble_scans, safe_name, sniff
 from workers import context as worker_context
 from workers import runner
 
@@ -60,7 +60,7 @@ def test_zip_folders_become_scans_and_names_are_safe(tmp_path, scan_dir):
 )
 def test_unsafe_zips_are_refused(tmp_path, members, status, reason):
     archive = zip_of(tmp_path / "bad.zip", members)
-    with pytest.raises(UploadError) as err:
+    with pytest.raises(ApiError) as err:
         assemble_scans([_upload(archive)], tmp_path / "staging", 4000)
     assert err.value.status_code == status and reason in err.value.detail
 
@@ -71,7 +71,7 @@ def test_zip_symlinks_are_refused(tmp_path):
         info = zipfile.ZipInfo("series/evil.dcm")
         info.external_attr = 0o120777 << 16
         archive.writestr(info, "/etc/passwd")
-    with pytest.raises(UploadError, match="symbolic link"):
+    with pytest.raises(ApiError, match="symbolic link"):
         assemble_scans([_upload(path)], tmp_path / "staging", 10**6)
 
 

@@ -90,11 +90,16 @@ def _first_line(exc: Exception) -> str:
 
 
 def read_image(
-    source: str | Path | Sequence[str | Path], series_uid: str | None = None, frame: int | None = None
+    source: str | Path | Sequence[str | Path],
+    series_uid: str | None = None,
+    frame: int | None = None,
+    *,
+    max_voxels: int | None = None,
 ) -> sitk.Image:
     """Read and validate a 3D scan: an image file, a DICOM folder, or a list of DICOM files.
 
-    A 4D image is accepted only when ``frame`` picks one of its volumes.
+    A 4D image is accepted only when ``frame`` picks one of its volumes; ``max_voxels`` (when given) refuses a
+    larger scan with an InputError.
     """
     paths = [Path(source)] if isinstance(source, str | Path) else [Path(s) for s in source]
     for p in paths:
@@ -121,6 +126,8 @@ def read_image(
         size = list(image.GetSize())
         size[3] = 0
         image = sitk.Extract(image, size, [0, 0, 0, frame])
+    if max_voxels is not None and image.GetNumberOfPixels() > max_voxels:
+        raise InputError(f"{image.GetNumberOfPixels()} voxels; the limit is {max_voxels}")
     validate_image(image)
     if is_image_file and single.name.lower().endswith((".nii", ".nii.gz")):
         _check_nifti_data(single)

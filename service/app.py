@@ -48,7 +48,7 @@ from service.schemas import (
     VolumesOut,
 )
 from service.storage import get_storage
-from service.uploads import FILE_FIELD, UploadError, assemble_scans, parse_multipart
+from service.uploads import FILE_FIELD, ApiError, assemble_scans, parse_multipart
 
 log = logging.getLogger(__name__)
 
@@ -176,13 +176,13 @@ def _validate_scans(state: AppState, scans: list[Any]) -> None:
         try:
             image = read_image(scan.path)
         except InputError as exc:
-            raise UploadError(422, f"scan '{scan.name}': {exc}") from None
+            raise ApiError(422, f"scan '{scan.name}': {exc}") from None
         except Exception as exc:
             log.warning("unreadable scan %s: %s", scan.name, exc)
-            raise UploadError(422, f"scan '{scan.name}' could not be read: {exc}") from None
+            raise ApiError(422, f"scan '{scan.name}' could not be read: {exc}") from None
         voxels = image.GetNumberOfPixels()
         if voxels > state.settings.max_voxels_per_scan:
-            raise UploadError(
+            raise ApiError(
                 422,
                 f"scan '{scan.name}' has {voxels} voxels; the limit is {state.settings.max_voxels_per_scan}",
             )
@@ -210,9 +210,9 @@ def _options(fields: dict[str, str], max_steps: int) -> JobOptions:
     try:
         options = JobOptions.model_validate(fields)
     except ValidationError as exc:
-        raise UploadError(422, _validation_text(exc.errors())) from None
+        raise ApiError(422, _validation_text(exc.errors())) from None
     if options.steps is not None and options.steps > max_steps:
-        raise UploadError(422, f"steps: at most {max_steps}")
+        raise ApiError(422, f"steps: at most {max_steps}")
     return options
 
 
@@ -281,8 +281,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
 
-    @app.exception_handler(UploadError)
-    async def _upload_error(request: Request, exc: UploadError) -> JSONResponse:
+    @app.exception_handler(ApiError)
+    async def _upload_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
@@ -400,10 +400,10 @@ def register_routes(app: FastAPI) -> None:
             bundle = await run_in_threadpool(_bundle_for, state, options.model)
             scans = await run_in_threadpool(assemble_scans, form.files, staging, settings.max_unzipped_bytes)
             if len(scans) > settings.max_scans_per_job:
-                raise UploadError(422, f"{len(scans)} scans in one job; at most {settings.max_scans_per_job}")
+                raise ApiError(422, f"{len(scans)} scans in one job; at most {settings.max_scans_per_job}")
             await run_in_threadpool(_validate_scans, state, scans)
             job = await run_in_threadpool(_create_job, state, client, job_id, bundle, options, scans=scans)
-        except UploadError as exc:
+        except ApiError as exc:
             return _reject(state, exc.status_code, exc.detail)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -19,21 +19,14 @@ from typing import BinaryIO
 import python_multipart
 from python_multipart.multipart import parse_options_header
 
+from service.errors import ApiError
+
 MAX_FIELD_BYTES = 64 * 1024
 MAX_PARTS = 10_000
 MAX_ZIP_ENTRIES = 20_000
 FILE_FIELD = "files"
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _IMAGE_SUFFIXES = {".nii.gz": "nifti", ".nii": "nifti", ".nrrd": "nrrd", ".mha": "mha"}
-
-
-class UploadError(Exception):
-    """A client error found while reading the upload; carries the HTTP status and a user-facing reason."""
-
-    def __init__(self, status_code: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status_code = status_code
-        self.detail = detail
 
 
 @dataclass
@@ -90,7 +83,7 @@ class _Collector:
     def on_part_begin(self) -> None:
         self.parts += 1
         if self.parts > MAX_PARTS:
-            raise UploadError(413, f"too many parts in the form (at most {MAX_PARTS})")
+            raise ApiError(413, f"too many parts in the form (at most {MAX_PARTS})")
         self._disposition = b""
         self._field_data = bytearray()
         self._file = None
@@ -109,11 +102,11 @@ class _Collector:
     def on_headers_finished(self) -> None:
         _, options = parse_options_header(self._disposition)
         if b"name" not in options:
-            raise UploadError(400, "a form part has no Content-Disposition name")
+            raise ApiError(400, "a form part has no Content-Disposition name")
         self._field_name = options[b"name"].decode("utf-8", "replace")
         if b"filename" in options:
             if self._field_name != FILE_FIELD:
-                raise UploadError(
+                raise ApiError(
                     422, f"files must be sent in the `{FILE_FIELD}` field, not `{self._field_name}`"
                 )
             self._file_name = options[b"filename"].decode("utf-8", "replace")
@@ -130,7 +123,7 @@ class _Collector:
             self._file_size += len(chunk)
             return
         if len(self._field_data) + len(chunk) > MAX_FIELD_BYTES:
-            raise UploadError(413, f"form field `{self._field_name}` is larger than {MAX_FIELD_BYTES} bytes")
+            raise ApiError(413, f"form field `{self._field_name}` is larger than {MAX_FIELD_BYTES} bytes")
         self._field_data.extend(chunk)
 
     def on_part_end(self) -> None:
@@ -143,13 +136,13 @@ class _Collector:
             )
             return
         if self._field_name == FILE_FIELD:
-            raise UploadError(422, f"the `{FILE_FIELD}` field must carry files (with a filename)")
+            raise ApiError(422, f"the `{FILE_FIELD}` field must carry files (with a filename)")
         if self._field_name in self.form.fields:
-            raise UploadError(422, f"form field `{self._field_name}` was given more than once")
+            raise ApiError(422, f"form field `{self._field_name}` was given more than once")
         try:
             self.form.fields[self._field_name] = self._field_data.decode("utf-8")
         except UnicodeDecodeError:
-            raise UploadError(422, f"form field `{self._field_name}` is not valid UTF-8") from None
+            raise ApiError(422, f"form field `{self._field_name}` is not valid UTF-8") from None
 
     def on_end(self) -> None:
         self.ended = True
@@ -164,12 +157,12 @@ async def parse_multipart(
 ) -> ParsedForm:
     """Parse a multipart/form-data body from ``stream``, writing file parts into ``staging``.
 
-    Raises :class:`UploadError` (413 as soon as more than ``max_bytes`` arrived, 400 for malformed bodies).
+    Raises :class:`ApiError` (413 as soon as more than ``max_bytes`` arrived, 400 for malformed bodies).
     """
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
     if not boundary:
-        raise UploadError(400, "multipart/form-data without a boundary")
+        raise ApiError(400, "multipart/form-data without a boundary")
     collector = _Collector(staging)
     callbacks = {
         name: getattr(collector, name)
@@ -190,15 +183,15 @@ async def parse_multipart(
         async for chunk in stream:
             received += len(chunk)
             if received > max_bytes:
-                raise UploadError(413, f"upload larger than the limit of {max_bytes} bytes")
+                raise ApiError(413, f"upload larger than the limit of {max_bytes} bytes")
             parser.write(chunk)
         parser.finalize()
     except python_multipart.exceptions.FormParserError as exc:
-        raise UploadError(400, f"malformed multipart body: {exc}") from None
+        raise ApiError(400, f"malformed multipart body: {exc}") from None
     finally:
         collector.close()
     if not collector.ended:
-        raise UploadError(400, "malformed multipart body: truncated (no closing boundary)")
+        raise ApiError(400, "malformed multipart body: truncated (no closing boundary)")
     return collector.form
 
 
@@ -263,25 +256,25 @@ def _extract_zip(upload: UploadedFile, dest: Path, budget: list[int]) -> list[Pa
     try:
         archive = zipfile.ZipFile(upload.path)
     except (zipfile.BadZipFile, OSError):
-        raise UploadError(422, f"file '{upload.filename}' is not a readable zip archive") from None
+        raise ApiError(422, f"file '{upload.filename}' is not a readable zip archive") from None
     extracted: list[Path] = []
     with archive:
         infos = archive.infolist()
         if len(infos) > MAX_ZIP_ENTRIES:
-            raise UploadError(413, f"zip '{upload.filename}' has more than {MAX_ZIP_ENTRIES} entries")
+            raise ApiError(413, f"zip '{upload.filename}' has more than {MAX_ZIP_ENTRIES} entries")
         for info in infos:
             raw = info.filename.replace("\\", "/")
             parts = PurePosixPath(raw).parts
             if raw.startswith("/") or re.match(r"^[A-Za-z]:", raw) or ".." in parts:
-                raise UploadError(422, f"zip '{upload.filename}' has an unsafe path: {info.filename!r}")
+                raise ApiError(422, f"zip '{upload.filename}' has an unsafe path: {info.filename!r}")
             if stat.S_ISLNK(info.external_attr >> 16):
-                raise UploadError(422, f"zip '{upload.filename}' contains a symbolic link: {info.filename!r}")
+                raise ApiError(422, f"zip '{upload.filename}' contains a symbolic link: {info.filename!r}")
             if info.flag_bits & 0x1:
-                raise UploadError(422, f"zip '{upload.filename}' is encrypted")
+                raise ApiError(422, f"zip '{upload.filename}' is encrypted")
             if info.is_dir() or parts[0] == "__MACOSX" or parts[-1].startswith("."):
                 continue
             if info.file_size > budget[0]:
-                raise UploadError(413, f"zip '{upload.filename}' unpacks to more than the allowed size")
+                raise ApiError(413, f"zip '{upload.filename}' unpacks to more than the allowed size")
             target = dest.joinpath(*parts)
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -289,12 +282,12 @@ def _extract_zip(upload: UploadedFile, dest: Path, budget: list[int]) -> list[Pa
                     while chunk := src.read(1024 * 1024):
                         budget[0] -= len(chunk)
                         if budget[0] < 0:
-                            raise UploadError(
+                            raise ApiError(
                                 413, f"zip '{upload.filename}' unpacks to more than the allowed size"
                             )
                         out.write(chunk)
             except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError) as exc:
-                raise UploadError(422, f"zip '{upload.filename}' is corrupt: {exc}") from None
+                raise ApiError(422, f"zip '{upload.filename}' is corrupt: {exc}") from None
             extracted.append(target)
     return extracted
 
@@ -358,24 +351,24 @@ def _zip_scans(upload: UploadedFile, staging: Path, budget: list[int], taken: se
         name = stem if len(dicom_dirs) == 1 or rel == Path(".") else f"{stem}_{safe_name(str(rel))}"
         scans.append(_dicom_scan(name, members, staging, taken))
     if not scans:
-        raise UploadError(422, f"zip '{upload.filename}' contains no NIfTI, NRRD, MHA or DICOM image files")
+        raise ApiError(422, f"zip '{upload.filename}' contains no NIfTI, NRRD, MHA or DICOM image files")
     return scans
 
 
 def assemble_scans(uploads: list[UploadedFile], staging: Path, max_unzipped_bytes: int) -> list[StagedScan]:
     """Group uploads into scans: one per image file, one per zip folder of DICOM, one for loose DICOM."""
     if not uploads:
-        raise UploadError(422, f"no files uploaded: send one or more scans in the `{FILE_FIELD}` field")
+        raise ApiError(422, f"no files uploaded: send one or more scans in the `{FILE_FIELD}` field")
     scans: list[StagedScan] = []
     loose_dicom: list[Path] = []
     taken: set[str] = set()
     budget = [max_unzipped_bytes]
     for upload in uploads:
         if upload.size == 0:
-            raise UploadError(422, f"file '{upload.filename}' is empty")
+            raise ApiError(422, f"file '{upload.filename}' is empty")
         kind = sniff(upload.path, upload.filename)
         if kind is None:
-            raise UploadError(
+            raise ApiError(
                 415, f"file '{upload.filename}' is not a NIfTI, NRRD, MHA or DICOM file, nor a zip of them"
             )
         if kind == "zip":
