@@ -140,6 +140,7 @@ def _nifti_layout(path: Path, name: str) -> _Layout:
             raise _external(name, "single-file NIfTI (magic 'n+1'), not a .hdr/.img pair or Analyze")
         dim = struct.unpack(endian + "8h", head[40:56])
         datatype = struct.unpack(endian + "h", head[70:72])[0]
+        pixdim = struct.unpack(endian + "8f", head[76:108])
         vox_offset = struct.unpack(endian + "f", head[108:112])[0]
         header_size = 352
     else:
@@ -149,6 +150,7 @@ def _nifti_layout(path: Path, name: str) -> _Layout:
             raise _external(name, "single-file NIfTI-2 (magic 'n+2'), not a .hdr/.img pair")
         datatype = struct.unpack(endian + "h", head[12:14])[0]
         dim = struct.unpack(endian + "8q", head[16:80])
+        pixdim = struct.unpack(endian + "8d", head[104:168])
         vox_offset = struct.unpack(endian + "q", head[168:176])[0]
         header_size = 544
     ndim = dim[0]
@@ -157,6 +159,8 @@ def _nifti_layout(path: Path, name: str) -> _Layout:
     shape = dim[1 : ndim + 1]
     if min(shape) < 1:
         raise InputError(f"{name}: the header declares a size of {tuple(shape)}; every side must be positive")
+    if not all(np.isfinite(p) and p != 0 for p in pixdim[1 : min(ndim, 3) + 1]):
+        raise InputError(f"{name}: implausible voxel spacing {tuple(pixdim[1:4])} in the header")
     if datatype in _NIFTI_VECTOR_TYPES:
         raise InputError("expected a scalar (grey-level) image, got a multi-component (e.g. RGB) image")
     if datatype not in _NIFTI_TYPES:
@@ -288,7 +292,7 @@ _MET_NUMBERS = {
     "CompressedDataSize", "HeaderSize", "ElementNumberOfChannels", "SequenceID",
 }  # fmt: skip
 _MET_FLAGS = {"BinaryData", "BinaryDataByteOrderMSB", "ElementByteOrderMSB", "CompressedData"}
-_NUMBERS = re.compile(r"[-+0-9.eE\s]*|(?:[-+]?(?:nan|inf)\s*)+", re.IGNORECASE)
+_NUMBERS = re.compile(r"(?:[-+]?(?:[0-9.]+(?:e[-+]?[0-9]+)?|nan|inf(?:inity)?)(?:\s+|$))*", re.IGNORECASE)
 
 
 def _mha_layout(path: Path, name: str) -> _Layout:
