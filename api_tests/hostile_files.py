@@ -392,7 +392,7 @@ def _dicom_cases(tmp: Path) -> list[Case]:
             "DICOM series over the voxel limit",
             [
                 dicom_slice(big / f"{k}.dcm", uid, k, rows=2048, columns=2048, pixels=b"\0" * 64)
-                for k in range(3)
+                for k in range(33)  # above 512^3 voxels
             ],
             "voxels; the limit",
         ),
@@ -400,8 +400,21 @@ def _dicom_cases(tmp: Path) -> list[Case]:
         Case("multi-frame DICOM", dicom_series(tmp / "dicom_frames", n=2, NumberOfFrames=3), "multi-frame"),
         Case(
             "DICOM slices of different sizes",
-            [dicom_slice(mixed / "a.dcm", uid, 0), dicom_slice(mixed / "b.dcm", uid, 1, rows=8, columns=8)],
+            [
+                dicom_slice(mixed / "a.dcm", series, 0),
+                dicom_slice(mixed / "b.dcm", series, 1, rows=8, columns=8),
+            ],
             "different sizes",
+        ),
+        Case(
+            "DICOM pixel data shorter than declared",
+            dicom_series(tmp / "dicom_short", n=3, rows=256, columns=256, pixels=b"\0" * 64),
+            "truncated",
+        ),
+        Case(
+            "DICOM colour slices",
+            dicom_series(tmp / "dicom_rgb", n=2, SamplesPerPixel=3, pixels=b"\1" * 16 * 16 * 6),
+            "scalar",
         ),
     ]
 

@@ -567,6 +567,8 @@ class _Slice:
     position: tuple[float, ...] | None
     orientation: tuple[float, ...] | None
     number: int
+    pixel_bytes: int | None  # None when compressed (encapsulated)
+    bits: int
 
 
 def _dicom_files(paths: Sequence[Path]) -> list[Path]:
@@ -585,7 +587,7 @@ def _dicom_files(paths: Sequence[Path]) -> list[Path]:
 
 
 def _dicom_slice(path: Path) -> _Slice | None:
-    """Header of one DICOM image instance (pixels not read), or None for anything else."""
+    """Header of one DICOM image instance (pixels not read, only their length), or None for anything else."""
     import pydicom
 
     with path.open("rb") as fh:
@@ -594,16 +596,16 @@ def _dicom_slice(path: Path) -> _Slice | None:
     try:
         ds = pydicom.dcmread(
             path,
-            stop_before_pixels=True,
             force=True,
             defer_size=4096,
             specific_tags=[
                 "SeriesInstanceUID", "Rows", "Columns", "NumberOfFrames", "SamplesPerPixel",
-                "ImagePositionPatient", "ImageOrientationPatient", "InstanceNumber",
+                "ImagePositionPatient", "ImageOrientationPatient", "InstanceNumber", "BitsAllocated", "PixelData",
             ],
         )  # fmt: skip
         series = str(ds.SeriesInstanceUID).strip()
         rows, columns = int(ds.Rows), int(ds.Columns)
+        length = ds.get_item("PixelData", keep_deferred=True).length
     except Exception:  # pydicom raises many types for files that are not DICOM images
         return None
 
@@ -618,10 +620,14 @@ def _dicom_slice(path: Path) -> _Slice | None:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         number = int(ds.get("InstanceNumber", 0) or 0)
+        bits = int(ds.get("BitsAllocated", 16) or 16)
     except (TypeError, ValueError):
         return None
     position, orientation = floats("ImagePositionPatient", 3), floats("ImageOrientationPatient", 6)
-    return _Slice(path, series, rows, columns, frames, samples, position, orientation, number)
+    pixel_bytes = None if length == 0xFFFFFFFF else int(length)
+    return _Slice(
+        path, series, rows, columns, frames, samples, position, orientation, number, pixel_bytes, bits
+    )
 
 
 def _dicom_series(paths: Sequence[Path], series_uid: str | None, max_voxels: int) -> list[_Slice]:
@@ -653,6 +659,11 @@ def _dicom_series(paths: Sequence[Path], series_uid: str | None, max_voxels: int
     if len({(s.rows, s.columns) for s in slices}) != 1:
         raise InputError(f"DICOM series {series_uid} mixes slices of different sizes")
     _check_size((slices[0].columns, slices[0].rows, len(slices)), max_voxels)
+    for s in slices:
+        if s.pixel_bytes is not None and s.pixel_bytes < s.rows * s.columns * max(s.bits // 8, 1):
+            raise InputError(
+                f"DICOM series {series_uid} is truncated: a slice holds fewer pixels than it declares"
+            )
     return _slice_order(slices)
 
 
