@@ -191,6 +191,8 @@ def _external_cases(tmp: Path) -> list[Case]:
             [mha(tmp / "lower.mha", [*MHA_HEAD, *MHA_GRID, "elementdatafile = /etc/passwd"], b"")],
             EXTERNAL,
         ),
+        Case("MHA ElementDataFile = LoCaL", [mha(tmp / "case.mha", mha_lines("LoCaL"))], EXTERNAL),
+        Case("MHA ElementDataFile = 'LOCAL '", [mha(tmp / "space.mha", mha_lines("LOCAL "))], EXTERNAL),
         Case("MHA without ElementDataFile", [mha(tmp / "none.mha", [*MHA_HEAD, *MHA_GRID])], "header"),
         Case(
             "MHA data file smuggled into a value",

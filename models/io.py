@@ -108,7 +108,7 @@ _NIFTI_TYPES = {
     1024: "i8",
     1280: "u8",
 }
-_NIFTI_VECTOR_TYPES = {32, 128, 1536, 1792, 2048, 2304}  # complex and RGB(A)
+_NIFTI_VECTOR_TYPES = {32, 128, 1792, 2048, 2304}  # complex and RGB(A)
 
 
 def _leading_bytes(path: Path, n: int, compressed: bool) -> bytes:
@@ -128,6 +128,7 @@ def _is_gzip(path: Path) -> bool:
 
 
 def _nifti_layout(path: Path, name: str) -> _Layout:
+    """Layout of a single-file NIfTI-1/2 (gzip or not); refuses two-file NIfTI and Analyze."""
     compressed = _is_gzip(path)
     head = _leading_bytes(path, 544, compressed)
     if len(head) < 348:
@@ -209,7 +210,7 @@ _NRRD_FIELDS = {
 
 
 def _header_lines(path: Path, name: str) -> Iterator[tuple[str, int]]:
-    """Text lines of a header with the file position after each; stops at the end of the header block."""
+    """Text lines of a header (a carriage return kept) with the file position after each."""
     with path.open("rb") as fh:
         block = fh.read(MAX_HEADER)
     pos = 0
@@ -217,25 +218,27 @@ def _header_lines(path: Path, name: str) -> Iterator[tuple[str, int]]:
         end = block.find(b"\n", pos)
         if end < 0:
             raise InputError(f"{name}: header without voxel data (or longer than {MAX_HEADER} bytes)")
-        raw = block[pos:end].rstrip(b"\r")
+        raw = block[pos:end]
         pos = end + 1
         try:
             line = raw.decode("ascii")
         except UnicodeDecodeError:
             raise InputError(f"{name}: the header is not plain text") from None
-        if not line.isprintable():
+        if not line.rstrip("\r").replace("\t", " ").isprintable():
             raise InputError(f"{name}: the header has control characters")
         yield line, pos
 
 
 def _nrrd_layout(path: Path, name: str) -> _Layout:
+    """Layout of a NRRD with attached raw or gzip data; refuses detached data and unknown fields."""
     fields: dict[str, str] = {}
     lines = _header_lines(path, name)
     first, _ = next(lines)
-    if not re.fullmatch(r"NRRD000[1-5]", first):
+    if not re.fullmatch(r"NRRD000[1-5]\r?", first):
         raise _unreadable(name, "no NRRD magic")
     start = 0
-    for line, pos in lines:
+    for raw, pos in lines:
+        line = raw.rstrip("\r")
         if not line:
             start = pos
             break
@@ -296,6 +299,7 @@ _NUMBERS = re.compile(r"(?:[-+]?(?:[0-9.]+(?:e[-+]?[0-9]+)?|nan|inf(?:inity)?)(?
 
 
 def _mha_layout(path: Path, name: str) -> _Layout:
+    """Layout of a MetaImage with ``ElementDataFile = LOCAL``; refuses every other data file and odd fields."""
     fields: dict[str, str] = {}
     start = None
     for line, pos in _header_lines(path, name):
@@ -306,7 +310,8 @@ def _mha_layout(path: Path, name: str) -> _Layout:
             raise InputError(f"{name}: unreadable MetaImage header line")
         key, value = match.groups()
         if key.lower() == "elementdatafile":
-            if key != "ElementDataFile" or value.upper() != "LOCAL":
+            # exactly MetaIO's spellings of LOCAL, nothing after them: anything else names a file
+            if not re.fullmatch(r"\s*ElementDataFile\s*=\s*(?:LOCAL|Local|local)", line):
                 raise _external(name, "ElementDataFile = LOCAL")
             start = pos
             break
@@ -348,6 +353,7 @@ def _mha_layout(path: Path, name: str) -> _Layout:
 
 
 def _product(values: Sequence[int]) -> int:
+    """Exact product of sizes (Python integers: no overflow whatever the header claims)."""
     out = 1
     for v in values:
         out *= int(v)
@@ -368,6 +374,8 @@ def _inflated(fh: BinaryIO, members: bool) -> Iterator[bytes]:
                     raise EOFError
                 return
         if decoder.eof:
+            if len(data) < 2:
+                data += fh.read(CHUNK)
             if not (members and data[:2] == b"\x1f\x8b"):
                 return
             decoder = zlib.decompressobj(31)
