@@ -523,6 +523,8 @@ def _check_file(path: Path, max_voxels: int, frame: int | None) -> tuple[ImageHe
     """Check an image file from its headers and stored bytes; returns its header and the ImageIO to read it."""
     name = path.name
     layout = _layout(path)
+    if layout.elements > max(max_voxels, MAX_VOXELS):
+        raise InputError(f"{layout.elements} voxels; the limit is {max_voxels}")
     reader = sitk.ImageFileReader()
     reader.SetImageIO(layout.io)
     reader.SetFileName(str(path))
