@@ -7,7 +7,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import timedelta
 
 from fastapi import APIRouter, Response
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import select
 
@@ -65,15 +65,14 @@ def healthz() -> dict[str, str]:
     summary="Readiness: database, storage, broker and a live worker",
     responses={503: {"model": Readiness, "description": "Not ready; `checks` says why."}},
 )
-def readyz(state: State) -> JSONResponse:
+def readyz(state: State, response: Response) -> Readiness:
     """200 when every check passes; 503 with the reasons and ``Retry-After`` otherwise."""
     results = run_checks(state)
     ok = all(v == "ok" for v in results.values())
-    return JSONResponse(
-        Readiness(ok=ok, checks=results).model_dump(),
-        status_code=200 if ok else 503,
-        headers=None if ok else {"Retry-After": str(state.settings.retry_after_seconds)},
-    )
+    if not ok:
+        response.status_code = 503
+        response.headers["Retry-After"] = str(state.settings.retry_after_seconds)
+    return Readiness(ok=ok, checks=results)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
