@@ -1,1 +1,1 @@
-"""HTTP routes, one module and one ``APIRouter`` per resource: jobs, results, models and operations."""
+"""HTTP routes, one ``APIRouter`` per resource (jobs, results, models, operations, docs) and submission."""
