@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,7 +20,6 @@ from service import dicomweb
 from service import jobs as job_ops
 from service.auth import Client
 from service.config import Settings
-from service.db import Job
 from service.deps import AppState
 from service.errors import ApiError, sanitise, short, validation_text
 from service.schemas import PATTERN_HINTS, JobAccepted, JobOptions, StudyJobRequest
@@ -135,9 +135,25 @@ def study_available(study_uid: str) -> bool:
     return True
 
 
-def record_job(state: AppState, client: Client, bundle: Bundle, options: JobOptions, **extra: Any) -> Job:
+@dataclass(frozen=True)
+class Recorded:
+    """A job just written: its id, queue and scan names."""
+
+    id: str
+    queue: str
+    scans: list[str]
+
+
+def record_job(
+    state: AppState,
+    client: Client,
+    bundle: Bundle,
+    options: JobOptions,
+    scans: list[StagedScan],
+    **extra: Any,
+) -> Recorded:
     """Write the queued record of a validated request (moving its staged scans into storage)."""
-    return job_ops.create_job(
+    job = job_ops.create_job(
         state.db,
         state.storage,
         job_id=job_ops.new_job_id(),
@@ -150,11 +166,13 @@ def record_job(state: AppState, client: Client, bundle: Bundle, options: JobOpti
         steps=options.steps,
         domain=options.domain,
         queue=state.settings.job_queue,
+        scans=scans,
         **extra,
     )
+    return Recorded(job.id, job.queue, [scan.name for scan in scans])
 
 
-async def submit_upload(request: Request, state: AppState, client: Client, content_type: str) -> Job:
+async def submit_upload(request: Request, state: AppState, client: Client, content_type: str) -> Recorded:
     """A job from a multipart upload: stream to staging, validate options, model and every scan, record."""
     settings = state.settings
     staging = state.storage.scratch_dir()
@@ -163,7 +181,7 @@ async def submit_upload(request: Request, state: AppState, client: Client, conte
         options = parse_options(JobOptions, form.fields, settings.max_steps)
         bundle = await run_in_threadpool(resolve_model, settings.bundles, options.model)
         scans = await run_in_threadpool(stage_scans, form.files, staging, settings)
-        return await run_in_threadpool(record_job, state, client, bundle, options, scans=scans)
+        return await run_in_threadpool(record_job, state, client, bundle, options, scans)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -180,7 +198,7 @@ async def _json_body(request: Request) -> Any:
         raise ApiError(400, "body is not valid JSON") from None
 
 
-async def submit_study(request: Request, state: AppState, client: Client) -> Job:
+async def submit_study(request: Request, state: AppState, client: Client) -> Recorded:
     """A job whose scans a worker pulls from the PACS (or from instances pushed to the STOW-RS endpoint)."""
     study = parse_options(StudyJobRequest, await _json_body(request), state.settings.max_steps)
     if not await run_in_threadpool(study_available, study.study_uid):
@@ -192,13 +210,13 @@ async def submit_study(request: Request, state: AppState, client: Client) -> Job
         client,
         bundle,
         study,
-        scans=[],
+        [],
         source=JobSource.DICOMWEB.value,
         study_uid=study.study_uid,
     )
 
 
-async def submit(request: Request, state: AppState, client: Client) -> Job:
+async def submit(request: Request, state: AppState, client: Client) -> Recorded:
     """Admit a submission and dispatch it on its content type (multipart upload or JSON study)."""
     await admit(request, state)
     content_type = request.headers.get("content-type", "")
@@ -212,10 +230,10 @@ async def submit(request: Request, state: AppState, client: Client) -> Job:
     return await submit_upload(request, state, client, content_type)
 
 
-async def accept(state: AppState, response: Response, job: Job) -> JobAccepted:
+async def accept(state: AppState, response: Response, job: Recorded) -> JobAccepted:
     """Enqueue a recorded job and answer 202 with its Location and scan names."""
     await run_in_threadpool(job_ops.enqueue, state.db, state.celery, job.id, job.queue)
     state.metrics.submitted.inc()
     location = f"/v1/jobs/{job.id}"
     response.headers["Location"] = location
-    return JobAccepted(id=job.id, state=JobState.QUEUED, location=location, scans=[s.name for s in job.scans])
+    return JobAccepted(id=job.id, state=JobState.QUEUED, location=location, scans=job.scans)
