@@ -88,3 +88,12 @@ def test_client_disconnecting_mid_body_is_one_log_line(stack):
     assert "Traceback" not in written and "ClientDisconnect" not in written, written
     with stack.client() as http:
         assert http.get("/healthz").status_code == 200
+
+
+def test_long_ids_are_not_echoed_in_full(stack):
+    with stack.client() as http:
+        job = http.get("/v1/jobs/" + "j" * 10_000)
+        scan = http.get("/v1/jobs/abc/scans/" + "s" * 5_000 + "/volumes")
+    assert job.status_code == 404 and scan.status_code == 404
+    assert job.json()["detail"] == "job " + "j" * 64 + "… not found"
+    assert len(scan.json()["detail"]) < 100
