@@ -233,3 +233,243 @@ def test_unauthenticated_requests_get_401(stack, headers):
         response = httpx.request(method, stack.base_url + path, headers=headers, timeout=30)
         assert response.status_code == 401, (method, path, response.text)
         assert response.json()["detail"]
+
+
+def _form(*parts: tuple[bytes, bytes], boundary: bytes = b"B") -> bytes:
+    """A multipart body from (Content-Disposition parameters, content) pairs."""
+    body = b"".join(
+        b"--"
+        + boundary
+        + b"\r\nContent-Disposition: form-data; "
+        + disposition
+        + b"\r\n\r\n"
+        + content
+        + b"\r\n"
+        for disposition, content in parts
+    )
+    return body + b"--" + boundary + b"--\r\n"
+
+
+MULTIPART = {"Content-Type": "multipart/form-data; boundary=B"}
+STUDY = {"study_uid": "1.2.3", "model": "phantom"}
+
+
+def _more_bad_requests(
+    http: httpx.Client, anonymous: httpx.Client, job: dict
+) -> list[tuple[str, httpx.Response, int, str]]:
+    """(kind, answer, expected status, substring of the reason) for requests of many other bad kinds."""
+    scan = job["scans"][0]["name"]
+    base = f"/v1/jobs/{job['id']}/scans/{scan}"
+    unknown_fields = [(f'name="field{n}"'.encode(), b"1") for n in range(9000)]
+    return [
+        (
+            "empty boundary",
+            http.post("/v1/jobs", content=b"x", headers={"Content-Type": "multipart/form-data; boundary="}),
+            400,
+            "boundary",
+        ),
+        ("no content type", http.post("/v1/jobs", content=b"\x00" * 16), 415, "multipart"),
+        (
+            "xml body",
+            http.post("/v1/jobs", content=b"<job/>", headers={"Content-Type": "application/xml"}),
+            415,
+            "multipart",
+        ),
+        ("urlencoded form", http.post("/v1/jobs", data={"model": "phantom"}), 422, "no files"),
+        ("JSON too large", http.post("/v1/jobs", json={**STUDY, "domain": "a" * 70_000}), 413, "JSON body"),
+        (
+            "deeply nested JSON",
+            http.post("/v1/jobs", content=b"[" * 30_000, headers={"Content-Type": "application/json"}),
+            400,
+            "JSON",
+        ),
+        (
+            "JSON not UTF-8",
+            http.post(
+                "/v1/jobs", content=b'{"model": "\xff\xfe"}', headers={"Content-Type": "application/json"}
+            ),
+            400,
+            "JSON",
+        ),
+        (
+            "JSON null",
+            http.post("/v1/jobs", content=b"null", headers={"Content-Type": "application/json"}),
+            422,
+            "valid dictionary",
+        ),
+        ("JSON unknown field", http.post("/v1/jobs", json={**STUDY, "priority": 1}), 422, "unknown field"),
+        (
+            "study uid too long",
+            http.post("/v1/jobs", json={**STUDY, "study_uid": "1." * 40 + "1"}),
+            422,
+            "study_uid",
+        ),
+        ("JSON negative steps", http.post("/v1/jobs", json={**STUDY, "steps": -5}), 422, "steps"),
+        ("JSON huge steps", http.post("/v1/jobs", json={**STUDY, "steps": 10**30}), 422, "steps"),
+        ("JSON fractional steps", http.post("/v1/jobs", json={**STUDY, "steps": 2.5}), 422, "steps"),
+        ("unicode model", http.post("/v1/jobs", json={**STUDY, "model": "фантом\u202e"}), 422, "model"),
+        (
+            "study not available",
+            http.post("/v1/jobs", json={**STUDY, "study_uid": "1.2.999"}),
+            422,
+            "upload the scans",
+        ),
+        (
+            "field given twice",
+            http.post(
+                "/v1/jobs",
+                content=_form((b'name="model"', b"phantom"), (b'name="model"', b"phantom")),
+                headers=MULTIPART,
+            ),
+            422,
+            "more than once",
+        ),
+        (
+            "field not UTF-8",
+            http.post("/v1/jobs", content=_form((b'name="model"', b"\xff\xfe\xfd")), headers=MULTIPART),
+            422,
+            "UTF-8",
+        ),
+        (
+            "oversized field",
+            http.post("/v1/jobs", content=_form((b'name="domain"', b"a" * 70_000)), headers=MULTIPART),
+            413,
+            "larger than",
+        ),
+        (
+            "part without a name",
+            http.post("/v1/jobs", content=_form((b'filename="a.nii.gz"', b"x")), headers=MULTIPART),
+            400,
+            "name",
+        ),
+        (
+            "9000 unknown fields",
+            http.post(
+                "/v1/jobs", content=_form((b'name="model"', b"phantom"), *unknown_fields), headers=MULTIPART
+            ),
+            422,
+            "8995 more",
+        ),
+        (
+            "unicode domain",
+            http.post(
+                "/v1/jobs",
+                data={"model": "phantom", "domain": "sité\u202e"},
+                files=[("files", ("a.nii.gz", b"x"))],
+            ),
+            422,
+            "domain",
+        ),
+        (
+            "negative steps",
+            http.post(
+                "/v1/jobs", data={"model": "phantom", "steps": "-5"}, files=[("files", ("a.nii.gz", b"x"))]
+            ),
+            422,
+            "steps",
+        ),
+        (
+            "huge steps",
+            http.post(
+                "/v1/jobs",
+                data={"model": "phantom", "steps": "9" * 40},
+                files=[("files", ("a.nii.gz", b"x"))],
+            ),
+            422,
+            "steps",
+        ),
+        (
+            "empty adaptation",
+            http.post(
+                "/v1/jobs", data={"model": "phantom", "adaptation": ""}, files=[("files", ("a.nii.gz", b"x"))]
+            ),
+            422,
+            "adaptation",
+        ),
+        (
+            "very long model",
+            http.post("/v1/jobs", data={"model": "a" * 5000}, files=[("files", ("a.nii.gz", b"x"))]),
+            422,
+            "model",
+        ),
+        ("negative offset", http.get("/v1/jobs", params={"offset": -1}), 422, "offset"),
+        ("limit above 100", http.get("/v1/jobs", params={"limit": 101}), 422, "limit"),
+        ("limit in exponent notation", http.get("/v1/jobs", params={"limit": "1e2"}), 422, "limit"),
+        ("10,000-character job id", http.get("/v1/jobs/" + "j" * 10_000), 404, "not found"),
+        ("NUL in job id", http.get("/v1/jobs/abc%00def"), 404, "not found"),
+        ("unknown scan name", http.get(f"/v1/jobs/{job['id']}/scans/nope/volumes"), 404, "no scan"),
+        (
+            "5,000-character scan name",
+            http.get(f"/v1/jobs/{job['id']}/scans/{'s' * 5000}/overlay.png"),
+            404,
+            "no scan",
+        ),
+        (
+            "encoded path in scan name",
+            http.get(f"/v1/jobs/{job['id']}/scans/..%2F..%2Fetc/volumes"),
+            404,
+            "not found",
+        ),
+        (
+            "format in capitals",
+            http.get(f"{base}/segmentation", params={"format": "DICOM-SEG"}),
+            422,
+            "format",
+        ),
+        ("format empty", http.get(f"{base}/segmentation", params={"format": ""}), 422, "format"),
+        (
+            "DICOM SEG of a NIfTI scan",
+            http.get(f"{base}/segmentation", params={"format": "dicom-seg"}),
+            409,
+            "not DICOM",
+        ),
+        ("zero slices", http.get(f"{base}/overlay.png", params={"slices": 0}), 422, "slices"),
+        ("too many slices", http.get(f"{base}/overlay.png", params={"slices": 13}), 422, "slices"),
+        ("slices not a number", http.get(f"{base}/overlay.png", params={"slices": "all"}), 422, "slices"),
+        ("cancel a finished job", http.delete(f"/v1/jobs/{job['id']}"), 409, "already"),
+        ("PUT on the jobs collection", http.put("/v1/jobs", json=STUDY), 405, "not allowed"),
+        ("PATCH a job", http.patch(f"/v1/jobs/{job['id']}", json={"state": "queued"}), 405, "not allowed"),
+        ("POST to a job", http.post(f"/v1/jobs/{job['id']}", json=STUDY), 405, "not allowed"),
+        ("unknown route", http.get("/v1/jobz"), 404, "not found"),
+        (
+            "bare Bearer scheme",
+            anonymous.get("/v1/jobs", headers={"Authorization": "Bearer"}),
+            401,
+            "credentials",
+        ),
+        (
+            "non-ASCII bearer token",
+            anonymous.get("/v1/jobs", headers={"Authorization": "Bearer \xe9\xe9".encode("latin-1")}),
+            401,
+            "api key",
+        ),
+        (
+            "10,000-character API key",
+            anonymous.get("/v1/jobs", headers={"X-API-Key": "k" * 10_000}),
+            401,
+            "api key",
+        ),
+    ]
+
+
+def test_more_bad_requests_leave_earlier_jobs_alone(stack, scan_dir):
+    accepted = stack.submit(sorted(scan_dir.glob("*.nii.gz"))[:1], model="phantom", adaptation="none")
+    assert accepted.status_code == 202, accepted.text
+    job = stack.wait_job(accepted.json()["id"])
+    assert job["state"] == "succeeded", job
+    before = _job_total(stack)
+    with stack.client() as http, stack.client(None) as anonymous:
+        cases = _more_bad_requests(http, anonymous, job)
+        assert len({kind for kind, *_ in cases}) >= 40
+        failures = []
+        for kind, response, status, reason in cases:
+            detail = response.json().get("detail", "") if response.content else ""
+            if response.status_code != status or reason.lower() not in detail.lower() or len(detail) > 300:
+                failures.append(
+                    f"{kind}: {response.status_code} (wanted {status}, {reason!r}) {response.text[:300]}"
+                )
+            if len(response.content) > 1024:
+                failures.append(f"{kind}: a {len(response.content)}-byte answer")
+        assert not failures, "\n".join(failures)
+        assert http.get(f"/v1/jobs/{job['id']}").json() == job
+    assert _job_total(stack) == before

@@ -6,8 +6,15 @@ import argparse
 import logging
 
 import uvicorn
+from fastapi import FastAPI
 
+from service.app import create_app
 from service.config import get_settings
+
+
+def app_from_environment() -> FastAPI:
+    """The API for the ``TTASEG_*`` environment (uvicorn's application factory)."""
+    return create_app(get_settings())
 
 
 def main() -> None:
@@ -20,7 +27,7 @@ def main() -> None:
     settings = get_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(
-        "service.app:create_app",
+        "service.__main__:app_from_environment",
         factory=True,
         host=args.host,
         port=args.port,

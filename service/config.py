@@ -28,49 +28,61 @@ class Settings(BaseSettings):
     data_dir: Path = Field(
         Path("var"), description="Root for the default database, storage and broker folders."
     )
-    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite file in data_dir.")
-    storage_dir: Path | None = Field(None, description="Local storage root; default data_dir/storage.")
-    broker_url: str = Field("filesystem://", description="Celery broker, e.g. redis://redis:6379/0.")
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL, e.g. `postgresql+psycopg://user:pw@host/db`; default a SQLite file "
+        "`data_dir/ttaseg.db`.",
+    )
+    storage_dir: Path | None = Field(
+        None, description="Local storage root (shared by API and workers); default `data_dir/storage`."
+    )
+    broker_url: str = Field("filesystem://", description="Celery broker, e.g. `redis://redis:6379/0`.")
     broker_dir: Path | None = Field(
-        None, description="Folder of the filesystem broker; default data_dir/broker."
+        None, description="Folder of the filesystem broker; default `data_dir/broker`."
     )
     broker_poll_interval: float = Field(0.5, gt=0, description="Polling interval (s) of filesystem/Redis.")
     visibility_timeout: int = Field(
         21600,
         gt=0,
-        description="Seconds before Redis redelivers an unacknowledged job; above the longest job.",
+        description="Seconds before Redis redelivers an unacknowledged job; keep above the longest job.",
     )
     redis_key_prefix: str = Field(
         "", description="Prefix for broker keys in Redis (to share a Redis database)."
     )
     job_queue: str = Field("cpu", description="Queue the API sends jobs to (`cpu` or `gpu`).")
     worker_queues: str | None = Field(
-        None, description="Queues a worker consumes; default `gpu` on CUDA else `cpu`."
+        None, description="Comma-separated queues a worker consumes; default `gpu` on CUDA, else `cpu`."
     )
     worker_pool: Literal["prefork", "solo", "threads"] = Field(
         "solo", description="Celery pool of a worker (`solo`: the job runs in the worker process)."
     )
     device: str | None = Field(
-        None, description="Torch device of a worker; default cuda if available else cpu."
+        None, description="Torch device of a worker; default `cuda` if available, else `cpu`."
     )
     bundles: Path | None = Field(
-        None, description="Bundle root (also read by the ML core); default repo bundles/."
+        None, description="Bundle root (also read by the ML core); default the repository's `bundles/`."
     )
 
     api_keys: str = Field("", description="Comma-separated `client_id:sha256hex` pairs of accepted API keys.")
-    api_keys_file: Path | None = Field(None, description="File with one `client_id sha256hex` per line.")
+    api_keys_file: Path | None = Field(
+        None, description="File with one `client_id sha256hex` per line (`#` comments)."
+    )
 
-    max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="Largest request body accepted (413 above).")
-    max_unzipped_bytes: int = Field(8 * 1024**3, gt=0, description="Largest total size unpacked from zips.")
+    max_upload_bytes: int = Field(
+        2 * 1024**3, gt=0, description="Largest request body accepted (413 above); 2 GiB."
+    )
+    max_unzipped_bytes: int = Field(
+        8 * 1024**3, gt=0, description="Largest total size unpacked from the zips of one request; 8 GiB."
+    )
     max_scans_per_job: int = Field(32, gt=0, description="Most scans in one job.")
-    max_voxels_per_scan: int = Field(512 * 512 * 512, gt=0, description="Most voxels in one scan.")
+    max_voxels_per_scan: int = Field(512 * 512 * 512, gt=0, description="Most voxels in one scan (512³).")
     max_steps: int = Field(500, gt=0, description="Largest accepted `steps`.")
     max_queued_jobs: int = Field(
-        0, ge=0, description="Queued jobs above which POST /v1/jobs answers 429; 0 = off."
+        0, ge=0, description="Queued jobs from which `POST /v1/jobs` answers 429; 0 = off."
     )
-    retry_after_seconds: int = Field(30, gt=0, description="Retry-After sent with 429/503.")
+    retry_after_seconds: int = Field(30, gt=0, description="`Retry-After` of 429 and 503 answers.")
     domain_policy: Literal["reuse", "always-adapt"] = Field(
-        "reuse", description="`reuse`: a job with a domain reuses that domain's adapted bundle."
+        "reuse", description="`reuse` a domain's adapted bundle, or `always-adapt` (every job adapts)."
     )
 
     max_attempts: int = Field(
@@ -121,6 +133,25 @@ class Settings(BaseSettings):
         if self.worker_queues:
             return [q.strip() for q in self.worker_queues.split(",") if q.strip()]
         return ["gpu"] if self.resolved_device.startswith("cuda") else ["cpu"]
+
+
+def _default_text(value: object) -> str:
+    if value is None:
+        return "none"
+    if value == "":
+        return "empty"
+    if isinstance(value, float):
+        return f"`{value:g}`"
+    return f"`{value}`"
+
+
+def settings_table() -> str:
+    """The Markdown table of every setting: environment variable, default and meaning (docs/service.md)."""
+    prefix = Settings.model_config.get("env_prefix", "")
+    rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
+    for name, info in Settings.model_fields.items():
+        rows.append(f"| `{prefix}{name.upper()}` | {_default_text(info.default)} | {info.description} |")
+    return "\n".join(rows) + "\n"
 
 
 @lru_cache

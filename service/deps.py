@@ -12,10 +12,12 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from service.auth import Client, KeyRing
 from service.config import Settings
-from service.db import Database
-from service.errors import ApiError
+from service.db import Database, Job
+from service.errors import ApiError, short
 from service.metrics import Metrics
 from service.storage import Storage
+
+MAX_JOB_ID = 64
 
 
 @dataclass
@@ -60,3 +62,12 @@ def authenticate(
 
 
 Caller = Annotated[Client, Depends(authenticate)]
+
+
+def load_job(state: AppState, client: Client, job_id: str) -> Job:
+    """The caller's job ``job_id`` with its scans (404 when absent or another client's)."""
+    with state.db.session() as session:
+        job = session.get(Job, job_id) if len(job_id) <= MAX_JOB_ID else None
+        if job is None or job.client_id != client.id:
+            raise ApiError(404, f"job {short(job_id)} not found")
+        return job

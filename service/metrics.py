@@ -11,8 +11,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy import case, func, select
 
 from service.db import Database, Job, Worker, utcnow
+from service.states import JobState
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, float("inf"))
 
 
@@ -27,7 +27,7 @@ class JobCollector(Collector):
         cols = [func.sum(case((column <= b, 1), else_=0)) for b in BUCKETS[:-1]]
         row = session.execute(
             select(func.count(column), func.coalesce(func.sum(column), 0.0), *cols).where(
-                Job.state == "succeeded", column.is_not(None)
+                Job.state == JobState.SUCCEEDED.value, column.is_not(None)
             )
         ).one()
         count, total, *cum = row
@@ -42,7 +42,9 @@ class JobCollector(Collector):
             by_state = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
             by_queue = dict(
                 session.execute(
-                    select(Job.queue, func.count()).where(Job.state == "queued").group_by(Job.queue)
+                    select(Job.queue, func.count())
+                    .where(Job.state == JobState.QUEUED.value)
+                    .group_by(Job.queue)
                 ).all()
             )
             fresh = utcnow() - timedelta(seconds=self.worker_fresh_seconds)
@@ -50,8 +52,8 @@ class JobCollector(Collector):
                 select(func.count()).select_from(Worker).where(Worker.last_seen >= fresh)
             )
             jobs = GaugeMetricFamily("ttaseg_jobs", "Jobs by state.", labels=["state"])
-            for state in STATES:
-                jobs.add_metric([state], float(by_state.get(state, 0)))
+            for state in JobState:
+                jobs.add_metric([state.value], float(by_state.get(state.value, 0)))
             yield jobs
             depth = GaugeMetricFamily("ttaseg_queue_depth", "Jobs waiting for a worker.", labels=["queue"])
             for queue, count in sorted(by_queue.items()):

@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from enum import StrEnum
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Adaptation = Literal["none", "norm", "tent", "mpl"]
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+from models.terms import Method, Phase
+from service.states import JobSource, JobState, ScanState
+
 MODEL_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}(:[A-Za-z0-9][A-Za-z0-9._+-]{0,63})?$"
 DOMAIN_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
+PATTERN_HINTS = {
+    "model": "expected `name` or `name:version` (lowercase letters, digits, '.', '_', '-')",
+    "domain": "expected 1-64 letters, digits, '.', '_' or '-'",
+    "study_uid": "expected a DICOM UID (digits and dots)",
+}
+
+
+class SegmentationFormat(StrEnum):
+    """File format of a downloaded label map."""
+
+    NIFTI = "nifti"
+    DICOM_SEG = "dicom-seg"
 
 
 class JobOptions(BaseModel):
@@ -20,7 +34,7 @@ class JobOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(pattern=MODEL_PATTERN, description="Bundle `name` or `name:version`.")
-    adaptation: Adaptation = Field("mpl", description="Test-time adaptation method.")
+    adaptation: Method = Field(Method.MPL, description="Test-time adaptation method.")
     domain: str | None = Field(
         None,
         pattern=DOMAIN_PATTERN,
@@ -41,12 +55,30 @@ class Error(BaseModel):
     detail: str
 
 
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": Error, "description": text}
+    for code, text in {
+        401: "Missing or invalid credentials.",
+        404: "Not found (or owned by another client).",
+        409: "Conflict with the job's state.",
+        422: "Invalid request.",
+    }.items()
+}
+SUBMISSION_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    400: {"model": Error, "description": "Malformed body."},
+    413: {"model": Error, "description": "Upload too large."},
+    415: {"model": Error, "description": "Unsupported content or file type."},
+    429: {"model": Error, "description": "Too many queued jobs; see Retry-After."},
+}
+
+
 class ScanOut(BaseModel):
     """Status and results of one scan of a job."""
 
     name: str
     kind: str = Field(description="nifti, nrrd, mha or dicom")
-    state: Literal["pending", "succeeded", "failed"]
+    state: ScanState
     input_bytes: int
     sha256: str
     files: int
@@ -74,17 +106,17 @@ class JobOut(BaseModel):
 
     id: str
     state: JobState
-    phase: str | None = Field(None, description="While running: fetching, adapting or segmenting.")
+    phase: Phase | None = Field(None, description="While running: fetching, adapting or segmenting.")
     progress: float = Field(description="0-100 within the current phase.")
     error: str | None = Field(None, description="Why the job failed.")
     model: str = Field(description="Requested model reference.")
     bundle: str = Field(description="Resolved bundle `name:version`.")
     bundle_used: str | None = Field(None, description="Bundle actually used (base or a domain-adapted one).")
     reused_from_job: str | None = Field(None, description="Job whose adapted bundle was reused.")
-    adaptation: Adaptation
+    adaptation: Method
     steps: int | None = None
     domain: str | None = None
-    source: Literal["upload", "dicomweb"]
+    source: JobSource
     study_uid: str | None = None
     queue: str
     device: str | None = None
@@ -102,10 +134,10 @@ class JobSummary(BaseModel):
 
     id: str
     state: JobState
-    phase: str | None = None
+    phase: Phase | None = None
     progress: float
     model: str
-    adaptation: Adaptation
+    adaptation: Method
     domain: str | None = None
     scans: int
     created_at: datetime

@@ -1,0 +1,1 @@
+"""HTTP routes, one ``APIRouter`` per resource (jobs, results, models, operations, docs) and submission."""
