@@ -62,7 +62,8 @@ def test_headers_pointing_at_server_files_are_refused(stack, tmp_path):
         b"NRRD0004\ntype: uchar\ndimension: 3\nsizes: 4 4 4\nencoding: raw\ndata file: /etc/passwd\n\n"
     )
     for path in (mha, nrrd):
-        assert "separate data file" in _submit_raw(stack, path, path.name)["detail"]
+        detail = _submit_raw(stack, path, path.name)["detail"]
+        assert "voxel data in another file" in detail and "passwd" not in detail, detail
 
 
 def test_client_disconnecting_mid_body_is_one_log_line(stack):

@@ -292,19 +292,6 @@ def _extract_zip(upload: UploadedFile, dest: Path, budget: list[int]) -> list[Pa
     return extracted
 
 
-def detached_data_file(path: Path, kind: str) -> bool:
-    """Whether an MHA or NRRD header points at a separate data file (which could be any file on the server)."""
-    with path.open("rb") as fh:
-        header = fh.read(MAX_FIELD_BYTES).decode("latin-1")
-    if kind == "mha":
-        match = re.search(r"^\s*ElementDataFile\s*=\s*(\S+)", header, flags=re.MULTILINE)
-        return match is not None and match.group(1).upper() != "LOCAL"
-    if kind == "nrrd":
-        fields = header.replace("\r\n", "\n").split("\n\n", 1)[0]
-        return re.search(r"^\s*data\s*file\s*:", fields, flags=re.MULTILINE | re.IGNORECASE) is not None
-    return False
-
-
 def _image_scan(
     name: str,
     kind: str,
@@ -314,8 +301,6 @@ def _image_scan(
     digest: str | None = None,
 ) -> StagedScan:
     """Move an image file into its own scan file with the suffix SimpleITK needs (one-file images only)."""
-    if detached_data_file(src, kind):
-        raise ApiError(422, f"'{name}' refers to a separate data file; upload images as single files")
     suffix = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}[kind]
     with src.open("rb") as fh:
         if kind == "nifti" and fh.read(2) != b"\x1f\x8b":
