@@ -190,19 +190,15 @@ def _validate_scans(state: AppState, scans: list[Any]) -> None:
         scan.spacing = [round(float(s), 6) for s in image.GetSpacing()]
 
 
-def _study_available(study_uid: str) -> bool:
-    """Whether the study was pushed to the STOW-RS endpoint or a PACS is configured to pull it from."""
+def _study_available(state: AppState, client: Client, study_uid: str) -> bool:
+    """Whether the client pushed the study to the STOW-RS endpoint or a PACS is configured to pull it from."""
     if importlib.util.find_spec("service.dicomweb") is None:
         return False
     from service import dicomweb
 
-    if dicomweb.incoming_study_series(study_uid):
+    if dicomweb.incoming_study_series(state.settings.resolved_storage_dir, client.id, study_uid):
         return True
-    try:
-        dicomweb.client_from_env()
-    except dicomweb.DicomWebError:
-        return False
-    return True
+    return bool(state.settings.dicomweb_url.strip())
 
 
 def _options(fields: dict[str, str], max_steps: int) -> JobOptions:
@@ -302,10 +298,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     register_routes(app)
     if importlib.util.find_spec("service.dicomweb") is not None:
-        from service import dicomweb
+        from service.api.dicomweb import router as dicomweb_router
 
-        if hasattr(dicomweb, "router"):
-            app.include_router(dicomweb.router, tags=["dicomweb"], dependencies=[Depends(authenticate)])
+        app.include_router(dicomweb_router, dependencies=[Depends(authenticate)])
     return app
 
 
@@ -427,7 +422,7 @@ def register_routes(app: FastAPI) -> None:
             return _reject(state, 422, _validation_text(exc.errors()))
         if study.steps is not None and study.steps > state.settings.max_steps:
             return _reject(state, 422, f"steps: at most {state.settings.max_steps}")
-        if not await run_in_threadpool(_study_available, study.study_uid):
+        if not await run_in_threadpool(_study_available, state, client, study.study_uid):
             return _reject(
                 state, 422, "no PACS is configured and this study was not pushed here; upload the scans"
             )

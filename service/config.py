@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -121,6 +121,12 @@ class Settings(BaseSettings):
         if self.worker_queues:
             return [q.strip() for q in self.worker_queues.split(",") if q.strip()]
         return ["gpu"] if self.resolved_device.startswith("cuda") else ["cpu"]
+
+    dicomweb_url: str = Field(
+        "", description="DICOMweb root of the PACS to pull studies from and push results to; empty: none."
+    )
+    dicomweb_username: str | None = Field(None, description="HTTP basic auth user towards the PACS.")
+    dicomweb_password: SecretStr = Field(SecretStr(""), description="HTTP basic auth password.")
 
 
 @lru_cache
