@@ -22,6 +22,7 @@ from service.errors import ApiError
 MAX_FIELD_BYTES = 64 * 1024
 MAX_HEADER_BYTES = 16 * 1024
 MAX_PARTS = 10_000
+MAX_BOUNDARY = 200  # RFC 2046 says 70, but Orthanc's STOW-RS client sends 73 characters
 FILE_FIELD = "files"
 
 
@@ -132,12 +133,12 @@ class _Collector:
 
 
 def boundary_of(content_type: str) -> bytes:
-    """The boundary parameter of a multipart content type (400 when missing or over 70 characters)."""
+    """The boundary parameter of a multipart content type (400 when missing or too long)."""
     boundary = parse_options_header(content_type)[1].get(b"boundary", b"")
     if not boundary:
         raise ApiError(400, "the multipart content type has no boundary")
-    if len(boundary) > 70:
-        raise ApiError(400, "the multipart boundary is longer than 70 characters")
+    if len(boundary) > MAX_BOUNDARY:
+        raise ApiError(400, f"the multipart boundary is longer than {MAX_BOUNDARY} characters")
     return boundary
 
 

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydicom import Dataset
 from starlette.concurrency import run_in_threadpool
 
 from service import dicomweb
-from service.deps import Caller, State
+from service.auth import Client
+from service.deps import AppState, Caller, State
 from service.errors import ApiError
 from service.multipart import read_parts
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["dicomweb"])
 
 
@@ -23,6 +27,18 @@ async def stow_studies(request: Request, state: State, client: Caller) -> JSONRe
     The body is streamed part by part to scratch files. 200: all stored; 202: some failed
     (FailedSOPSequence); 409: none stored; 400/413/415: bad request body.
     """
+    try:
+        answer, count = await _receive(request, state, client)
+    except ApiError as exc:
+        log.info("STOW-RS request of %s refused (%d): %s", client.id, exc.status_code, exc.detail)
+        raise
+    failed = len(answer.get("FailedSOPSequence") or [])
+    status = 200 if not failed else 409 if failed == count else 202
+    return JSONResponse(answer.to_json_dict(), status_code=status, media_type="application/dicom+json")
+
+
+async def _receive(request: Request, state: AppState, client: Client) -> tuple[Dataset, int]:
+    """Stream the body's parts to a scratch folder, then store them; the answer and the number of parts."""
     settings = state.settings
     content_type = request.headers.get("content-type", "")
     dicomweb.check_stow_type(content_type)
@@ -44,9 +60,7 @@ async def stow_studies(request: Request, state: State, client: Caller) -> JSONRe
         )
     finally:
         await run_in_threadpool(shutil.rmtree, staging, True)
-    failed = len(answer.get("FailedSOPSequence") or [])
-    status = 200 if not failed else 409 if failed == len(parts) else 202
-    return JSONResponse(answer.to_json_dict(), status_code=status, media_type="application/dicom+json")
+    return answer, len(parts)
 
 
 @router.get("/dicomweb/studies/{study_uid}", summary="Series and instances the caller pushed for a study")
