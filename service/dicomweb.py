@@ -8,6 +8,7 @@ them, under ``<root>/incoming/<client>/<StudyInstanceUID>/<SeriesInstanceUID>/<S
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -214,7 +215,8 @@ def _write_instance(src: Path, folder: Path, sop_uid: str) -> int | None:
         return None
     except OSError as exc:
         log.warning("STOW-RS: instance %s not stored: %s", sop_uid, exc)
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
         return FAILURE_OUT_OF_RESOURCES
 
 
