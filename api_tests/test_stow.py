@@ -307,7 +307,7 @@ def push_measuring_rss(make_stack, total: int) -> tuple[int, int, float]:
     source = series_files(5)[0]
     study, series = generate_uid(), generate_uid()
     count = total // 2 // source.stat().st_size
-    with stack.client("alice", timeout=300) as http:
+    with stack.client("alice") as http:
         warm = http.post(
             "/dicomweb/studies", content=stow_body([source.read_bytes()]), headers={"Content-Type": STOW_TYPE}
         )
@@ -322,7 +322,7 @@ def push_measuring_rss(make_stack, total: int) -> tuple[int, int, float]:
             *copies(source, study, series, count),
         ]
         response = http.post(
-            "/dicomweb/studies", content=stow_chunks(parts), headers={"Content-Type": STOW_TYPE}
+            "/dicomweb/studies", content=stow_chunks(parts), headers={"Content-Type": STOW_TYPE}, timeout=300
         )
         seconds = time.monotonic() - started
         sampler.done.set()
