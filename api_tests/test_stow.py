@@ -240,12 +240,10 @@ def test_pushed_study_belongs_to_the_pushing_client(stack: Stack) -> None:
             ds = pydicom.dcmread(f)
             ds.PatientName = "BOB^OVERWRITE"
             bob_parts.append(encode(ds))
-        assert (
-            bob.post(
-                "/dicomweb/studies", content=stow_body(bob_parts), headers={"Content-Type": STOW_TYPE}
-            ).status_code
-            == 200
+        pushed = bob.post(
+            "/dicomweb/studies", content=stow_body(bob_parts), headers={"Content-Type": STOW_TYPE}
         )
+        assert pushed.status_code == 200, pushed.text
         assert {p.name: sha256(p) for p in (incoming / "alice" / study / series).iterdir()} == alice_files
         bob_files = sorted((incoming / "bob" / study / series).iterdir())
         assert sorted(p.read_bytes() for p in bob_files) == sorted(bob_parts)
@@ -255,6 +253,10 @@ def test_pushed_study_belongs_to_the_pushing_client(stack: Stack) -> None:
     job = stack.wait_job(accepted.json()["id"], timeout=300)
     assert job["state"] == "succeeded" and job["source"] == "dicomweb", job
     assert job["scans"][0]["files"] == len(files)
+    with stack.client("alice") as alice:
+        seg = alice.get(job["scans"][0]["links"]["dicom_seg"])
+    assert seg.status_code == 200, seg.text
+    assert pydicom.dcmread(BytesIO(seg.content)).PatientName == first.PatientName != "BOB^OVERWRITE"
 
 
 def copies(source: Path, study: str, series: str, count: int) -> Iterator[bytes]:
