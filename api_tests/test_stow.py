@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -17,10 +18,13 @@ import pytest
 from conftest import DATA, TOKENS, Stack, api_keys_setting
 from fastapi.testclient import TestClient
 from pydicom.uid import generate_uid
+from starlette.requests import ClientDisconnect
 
 from service.app import create_app
 from service.config import Settings, get_settings
 from service.dicomweb import incoming_dir
+from service.errors import ApiError
+from service.multipart import read_parts
 
 SERIES_ROOT = DATA / "dicom" / "prostate3t_t2"
 BOUNDARY = b"ttaseg-stow-boundary"
@@ -182,6 +186,16 @@ def test_too_many_parts_and_too_large(tmp_path: Path) -> None:
             headers={"Content-Type": "multipart/related; boundary=x"},
         )
     assert response.status_code == 413 and "too many parts" in response.json()["detail"]
+
+
+def test_client_gone_mid_body_is_a_bad_request(tmp_path: Path) -> None:
+    async def vanishing() -> AsyncIterator[bytes]:
+        yield b"--x\r\nContent-Type: application/dicom\r\n\r\nDICM"
+        raise ClientDisconnect
+
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(read_parts("multipart/related; boundary=x", vanishing(), tmp_path, MB, lambda part: True))
+    assert refused.value.status_code == 400 and "disconnected" in refused.value.detail
 
 
 def test_unwritable_storage_fails_the_instance_with_one_log_line(

@@ -16,6 +16,7 @@ from typing import BinaryIO
 
 import python_multipart
 from python_multipart.multipart import parse_options_header
+from starlette.requests import ClientDisconnect
 
 from service.errors import ApiError
 
@@ -155,7 +156,8 @@ async def read_parts(
     """Parse a multipart body from ``stream``; spooled parts are written to ``staging/part_NNNNN``.
 
     ``what`` names the body in error messages. Raises :class:`ApiError`: 413 as soon as more than
-    ``max_bytes`` arrived or more than ``max_parts`` parts began, 400 for a malformed or truncated body.
+    ``max_bytes`` arrived or more than ``max_parts`` parts began, 400 for a malformed or truncated body (or
+    a client that went away).
     """
     collector = _Collector(staging, start, end, max_parts, what)
     callbacks = {
@@ -182,6 +184,8 @@ async def read_parts(
         parser.finalize()
     except python_multipart.exceptions.FormParserError as exc:
         raise ApiError(400, f"malformed multipart body: {str(exc)[:200]}") from None
+    except ClientDisconnect:
+        raise ApiError(400, "the client disconnected before the body was complete") from None
     finally:
         collector.close()
     if not collector.ended:
