@@ -77,17 +77,17 @@ class _Collector:
         self._header_bytes = 0
         self._data = bytearray()
 
-    def _header_bytes_add(self, count: int) -> None:
+    def _count_header_bytes(self, count: int) -> None:
         self._header_bytes += count
         if self._header_bytes > MAX_HEADER_BYTES:
             raise ApiError(400, f"part {self._part.number} has more than {MAX_HEADER_BYTES} bytes of headers")
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._header_bytes_add(end - start)
+        self._count_header_bytes(end - start)
         self._name += data[start:end]
 
     def on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._header_bytes_add(end - start)
+        self._count_header_bytes(end - start)
         self._value += data[start:end]
 
     def on_header_end(self) -> None:
