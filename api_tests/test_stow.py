@@ -24,7 +24,7 @@ from service.app import create_app
 from service.config import Settings, get_settings
 from service.dicomweb import incoming_dir
 from service.errors import ApiError
-from service.multipart import read_parts
+from service.multipart import parse_multipart, read_parts
 
 SERIES_ROOT = DATA / "dicom" / "prostate3t_t2"
 BOUNDARY = b"ttaseg-stow-boundary"
@@ -186,6 +186,19 @@ def test_too_many_parts_and_too_large(tmp_path: Path) -> None:
             headers={"Content-Type": "multipart/related; boundary=x"},
         )
     assert response.status_code == 413 and "too many parts" in response.json()["detail"]
+
+
+def test_form_fields_held_in_memory_are_bounded(tmp_path: Path) -> None:
+    field = b"--x\r\nContent-Disposition: form-data; name=f%d\r\n\r\n" + b"v" * 60_000 + b"\r\n"
+
+    async def body() -> AsyncIterator[bytes]:
+        for n in range(20):
+            yield field % n
+        yield b"--x--\r\n"
+
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(parse_multipart("multipart/form-data; boundary=x", body(), tmp_path, 10 * MB))
+    assert refused.value.status_code == 413 and "text fields" in refused.value.detail
 
 
 def test_client_gone_mid_body_is_a_bad_request(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from starlette.requests import ClientDisconnect
 from service.errors import ApiError
 
 MAX_FIELD_BYTES = 64 * 1024
+MAX_MEMORY_BYTES = 1024 * 1024  # all parts kept in memory together
 MAX_HEADER_BYTES = 16 * 1024
 MAX_PARTS = 10_000
 MAX_BOUNDARY = 200  # RFC 2046 says 70, but Orthanc's STOW-RS client sends 73 characters
@@ -46,7 +47,8 @@ class Part:
 
 PartStart = Callable[[Part], bool]
 """Called once a part's headers are read: True spools its content to a file, False keeps it in memory (at most
-:data:`MAX_FIELD_BYTES`). May raise :class:`ApiError` to refuse the body early."""
+:data:`MAX_FIELD_BYTES`, all such parts together :data:`MAX_MEMORY_BYTES`). May raise :class:`ApiError` to
+refuse the body early."""
 PartEnd = Callable[[Part], None]
 """Called with each complete part; may raise :class:`ApiError`."""
 
@@ -64,6 +66,7 @@ class _Collector:
         self.ended = False
         self._part = Part(0)
         self._header_bytes = 0
+        self._memory_bytes = 0
         self._name = bytearray()
         self._value = bytearray()
         self._data = bytearray()
@@ -111,6 +114,9 @@ class _Collector:
             return
         if self._part.size > MAX_FIELD_BYTES:
             raise ApiError(413, f"part {self._part.number} is larger than {MAX_FIELD_BYTES} bytes")
+        self._memory_bytes += len(chunk)
+        if self._memory_bytes > MAX_MEMORY_BYTES:
+            raise ApiError(413, f"the {self.what}'s text fields hold more than {MAX_MEMORY_BYTES} bytes")
         self._data += chunk
 
     def on_part_end(self) -> None:
