@@ -1,9 +1,9 @@
 """The one streaming multipart parser, for upload forms (multipart/form-data) and STOW-RS (multipart/related).
 
 Nothing is buffered in memory beyond one network chunk and the small form fields: part contents are written
-to files in a staging folder as they arrive. The body size, the number of parts and the size of each part's
-headers are checked while streaming; every violation is an :class:`ApiError` (413 for sizes and counts, 400
-for malformed or truncated bodies).
+to files in a staging folder as they arrive. Limits are checked while streaming; every violation is an
+:class:`ApiError`: 413 for the body size, the number of parts and the text kept in memory, 400 for a part's
+headers above :data:`MAX_HEADER_BYTES` and for malformed or truncated bodies.
 """
 
 from __future__ import annotations
