@@ -1,5 +1,5 @@
-"""Test helpers for PACS integration: a throw-away Orthanc (with its DICOMweb plugin) and the service's
-STOW-RS receiver run with uvicorn, each as a real process on a free local port.
+"""Test helpers for PACS integration: a throw-away Orthanc (with its DICOMweb plugin) and the service's API
+as STOW-RS receiver, each as a real process on a free local port.
 
 Orthanc comes from Debian: ``apt-get install -y orthanc orthanc-dicomweb``. Set ``ORTHANC_DICOMWEB_PLUGIN``
 to use a plugin library outside the Debian locations.
@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
-from fastapi import FastAPI
 
 HERE = Path(__file__).resolve().parent
 PLUGIN_CANDIDATES = (
@@ -100,10 +99,11 @@ class ServerProcess:
 class Orthanc(ServerProcess):
     """Orthanc with DICOMweb on ``/dicom-web/``, local-only HTTP, no DICOM port, no authentication.
 
-    ``dicomweb_servers`` maps names to DICOMweb roots Orthanc pushes to (``/dicom-web/servers/<name>/stow``).
+    ``dicomweb_servers`` maps names to the DICOMweb roots Orthanc pushes to (``/dicom-web/servers/<name>/stow``)
+    and the bearer token it sends there.
     """
 
-    def __init__(self, workdir: Path, dicomweb_servers: dict[str, str] | None = None):
+    def __init__(self, workdir: Path, dicomweb_servers: dict[str, tuple[str, str]] | None = None):
         workdir.mkdir(parents=True, exist_ok=True)
         port = free_port()
         config = {
@@ -120,7 +120,10 @@ class Orthanc(ServerProcess):
             "DicomWeb": {
                 "Enable": True,
                 "Root": "/dicom-web/",
-                "Servers": {name: [url] for name, url in (dicomweb_servers or {}).items()},
+                "Servers": {
+                    name: {"Url": url, "HttpHeaders": {"Authorization": f"Bearer {token}"}}
+                    for name, (url, token) in (dicomweb_servers or {}).items()
+                },
             },
         }
         config_path = workdir / "config.json"
@@ -152,33 +155,21 @@ class Orthanc(ServerProcess):
         return response.json()
 
 
-def receiver_app() -> FastAPI:
-    """Bare app serving only the DICOMweb router (the uvicorn factory of :class:`Receiver`)."""
-    from service.dicomweb import router
-
-    app = FastAPI()
-    app.include_router(router)
-    return app
-
-
 class Receiver(ServerProcess):
-    """The service's STOW-RS receiver under uvicorn, storing into ``workdir/storage``."""
+    """The service's API (``python -m service``, no worker) with its own data folder and the given API keys."""
 
-    def __init__(self, workdir: Path, port: int | None = None):
+    def __init__(self, workdir: Path, api_keys: str, port: int | None = None):
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.storage_dir = workdir / "storage"
         python_path = os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))
-        env = {**os.environ, "TTASEG_STORAGE_DIR": str(self.storage_dir), "PYTHONPATH": python_path}
-        command = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--app-dir",
-            str(HERE),
-            "--factory",
-            "orthanc:receiver_app",
-        ]
-        command += ["--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
-        super().__init__(command, f"{self.url}/openapi.json", workdir / "receiver.log", env=env)
+        env = {
+            **os.environ,
+            "TTASEG_DATA_DIR": str(workdir / "data"),
+            "TTASEG_STORAGE_DIR": str(self.storage_dir),
+            "TTASEG_API_KEYS": api_keys,
+            "PYTHONPATH": python_path,
+        }
+        command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port)]
+        super().__init__(command, f"{self.url}/healthz", workdir / "receiver.log", env=env)

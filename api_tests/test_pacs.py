@@ -1,5 +1,5 @@
 """PACS integration: pull from and push back to a real Orthanc over DICOMweb, and Orthanc pushing a study
-to the service's STOW-RS receiver; plus the receiver's HTTP answers for bad requests."""
+to the service's STOW-RS receiver (the API); plus the receiver's HTTP answers for bad requests."""
 
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from conftest import TOKENS, api_keys_setting
 from dicomweb_client import DICOMwebClient
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from orthanc import Orthanc, Receiver, free_port, missing_orthanc  # api_tests/orthanc.py
 
-from service.config import get_settings
+from service.app import create_app
+from service.config import Settings
 from service.dicom_seg import read_dicom_seg, write_dicom_seg
-from service.dicomweb import DicomWebError, fetch_study, incoming_study_series, push_instances, router
+from service.dicomweb import DicomWebError, fetch_study, incoming_study_series, pacs_client, push_instances
 
 SERIES_DIR = Path(__file__).resolve().parents[1].parent / "shared/data/dicom/prostate3t_t2/Prostate3T-03-0001"
 BOUNDARY = "ttaseg-test-boundary"
@@ -44,6 +45,10 @@ def stow_body(parts: list[bytes]) -> bytes:
 STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
 
 
+def _auth(user: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKENS[user]}"}
+
+
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory: pytest.TempPathFactory):
     """Orthanc holding the test series, and the service's receiver registered in Orthanc as ``ttaseg``."""
@@ -53,10 +58,10 @@ def pacs(tmp_path_factory: pytest.TempPathFactory):
         pytest.skip(f"test series missing: {SERIES_DIR}")
     workdir = tmp_path_factory.mktemp("pacs")
     receiver_port = free_port()
-    servers = {"ttaseg": f"http://127.0.0.1:{receiver_port}/dicomweb/"}
+    servers = {"ttaseg": (f"http://127.0.0.1:{receiver_port}/dicomweb/", TOKENS["alice"])}
     with (
         Orthanc(workdir / "orthanc", servers) as orthanc,
-        Receiver(workdir / "receiver", receiver_port) as receiver,
+        Receiver(workdir / "receiver", api_keys_setting(), receiver_port) as receiver,
     ):
         answers = orthanc.upload(sorted(SERIES_DIR.glob("*.dcm")))
         study_uid = str(
@@ -66,13 +71,16 @@ def pacs(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture
-def dicomweb_env(pacs, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TTASEG_DICOMWEB_URL", pacs[0].dicomweb_url)
+def pacs_api(pacs) -> DICOMwebClient:
+    """DICOMweb client of the test Orthanc, built from the service settings."""
+    return pacs_client(Settings(dicomweb_url=pacs[0].dicomweb_url))
 
 
-def test_fetch_study_pulls_the_series_on_the_same_grid(pacs, dicomweb_env, tmp_path: Path) -> None:
+def test_fetch_study_pulls_the_series_on_the_same_grid(
+    pacs, pacs_api: DICOMwebClient, tmp_path: Path
+) -> None:
     _, _, study_uid, _ = pacs
-    folders = fetch_study(study_uid, tmp_path)
+    folders = fetch_study(study_uid, tmp_path, pacs_api)
     source = read_series(SERIES_DIR)
     assert len(folders) == 1
     assert len(list(folders[0].glob("*.dcm"))) == len(list(SERIES_DIR.glob("*.dcm")))
@@ -84,19 +92,24 @@ def test_fetch_study_pulls_the_series_on_the_same_grid(pacs, dicomweb_env, tmp_p
     assert np.array_equal(sitk.GetArrayViewFromImage(pulled), sitk.GetArrayViewFromImage(source))
 
 
-def test_fetch_study_errors(pacs, dicomweb_env, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_fetch_study_errors(pacs, pacs_api: DICOMwebClient, tmp_path: Path) -> None:
     with pytest.raises(DicomWebError, match="not found") as unknown:
-        fetch_study("1.2.3.4.5", tmp_path)
+        fetch_study("1.2.3.4.5", tmp_path, pacs_api)
     assert unknown.value.status_code == 404
-    monkeypatch.setenv("TTASEG_DICOMWEB_URL", f"http://127.0.0.1:{free_port()}/dicom-web")
+    nowhere = pacs_client(Settings(dicomweb_url=f"http://127.0.0.1:{free_port()}/dicom-web"))
     with pytest.raises(DicomWebError, match="cannot be reached") as unreachable:
-        fetch_study(pacs[2], tmp_path)
+        fetch_study(pacs[2], tmp_path, nowhere)
     assert unreachable.value.status_code == 503
+    with pytest.raises(DicomWebError, match="no PACS is configured") as unset:
+        pacs_client(Settings(dicomweb_url=""))
+    assert unset.value.status_code == 503
 
 
-def test_seg_pushed_back_to_orthanc_references_and_decodes(pacs, dicomweb_env, tmp_path: Path) -> None:
+def test_seg_pushed_back_to_orthanc_references_and_decodes(
+    pacs, pacs_api: DICOMwebClient, tmp_path: Path
+) -> None:
     orthanc, _, study_uid, _ = pacs
-    series_dir = fetch_study(study_uid, tmp_path / "pulled")[0]
+    series_dir = fetch_study(study_uid, tmp_path / "pulled", pacs_api)[0]
     image = read_series(series_dir)
     expected = np.zeros(sitk.GetArrayViewFromImage(image).shape, dtype=np.uint8)
     expected[4:12, 150:230, 160:240] = 1
@@ -107,7 +120,7 @@ def test_seg_pushed_back_to_orthanc_references_and_decodes(pacs, dicomweb_env, t
     seg_path = write_dicom_seg(
         tmp_path / "label.nii.gz", series_dir, {1: "prostate", 2: "lesion"}, tmp_path / "seg.dcm"
     )
-    push_instances([seg_path])
+    push_instances([seg_path], pacs_api)
 
     client = DICOMwebClient(orthanc.dicomweb_url)
     found = client.search_for_series(study_instance_uid=study_uid, search_filters={"Modality": "SEG"})
@@ -121,7 +134,7 @@ def test_seg_pushed_back_to_orthanc_references_and_decodes(pacs, dicomweb_env, t
     seg.save_as(tmp_path / "retrieved.dcm", enforce_file_format=True)
     assert np.array_equal(read_dicom_seg(tmp_path / "retrieved.dcm", series_dir), expected)
     # the SEG now in the study is not pulled as an image series
-    assert [f.name for f in fetch_study(study_uid, tmp_path / "again")] == [source_series]
+    assert [f.name for f in fetch_study(study_uid, tmp_path / "again", pacs_api)] == [source_series]
 
 
 def test_orthanc_pushes_the_study_to_the_service(pacs) -> None:
@@ -133,27 +146,27 @@ def test_orthanc_pushes_the_study_to_the_service(pacs) -> None:
     series_uid = str(
         pydicom.dcmread(next(SERIES_DIR.glob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID
     )
-    series_dir = receiver.storage_dir / "incoming" / study_uid / series_uid
+    series_dir = receiver.storage_dir / "incoming" / "alice" / study_uid / series_uid
     assert {f.stem for f in series_dir.glob("*.dcm")} == source_uids
-    status = httpx.get(f"{receiver.url}/dicomweb/studies/{study_uid}").json()
+    status = httpx.get(f"{receiver.url}/dicomweb/studies/{study_uid}", headers=_auth("alice")).json()
     assert {"series_instance_uid": series_uid, "instances": len(source_uids)} in status["series"]
+    assert httpx.get(f"{receiver.url}/dicomweb/studies/{study_uid}", headers=_auth("bob")).status_code == 404
+    assert httpx.get(f"{receiver.url}/dicomweb/studies/{study_uid}").status_code == 401
 
 
 @pytest.fixture
-def receiver_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """In-process receiver storing under tmp_path."""
-    monkeypatch.setenv("TTASEG_STORAGE_DIR", str(tmp_path))
-    get_settings.cache_clear()
-    app = FastAPI()
-    app.include_router(router)
-    with TestClient(app) as client:
+def receiver_client(tmp_path: Path):
+    """In-process API storing under tmp_path/storage, calling as alice."""
+    settings = Settings(
+        data_dir=tmp_path / "data", storage_dir=tmp_path / "storage", api_keys=api_keys_setting()
+    )
+    with TestClient(create_app(settings), headers=_auth("alice")) as client:
         yield client
-    get_settings.cache_clear()
 
 
 @needs_series
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
-def test_receiver_stores_instances_and_reports_failures(receiver_client: TestClient) -> None:
+def test_receiver_stores_instances_and_reports_failures(receiver_client: TestClient, tmp_path: Path) -> None:
     files = sorted(SERIES_DIR.glob("*.dcm"))[:2]
     response = receiver_client.post(
         "/dicomweb/studies",
@@ -167,7 +180,7 @@ def test_receiver_stores_instances_and_reports_failures(receiver_client: TestCli
     assert {item.ReferencedSOPInstanceUID for item in answer.ReferencedSOPSequence} == {
         str(ds.SOPInstanceUID) for ds in sources
     }
-    [series] = incoming_study_series(str(sources[0].StudyInstanceUID))
+    [series] = incoming_study_series(tmp_path / "storage", "alice", str(sources[0].StudyInstanceUID))
     assert sorted(f.stem for f in series.glob("*.dcm")) == sorted(str(ds.SOPInstanceUID) for ds in sources)
 
     broken = pydicom.dcmread(files[0])
@@ -180,7 +193,7 @@ def test_receiver_stores_instances_and_reports_failures(receiver_client: TestCli
     answer = pydicom.Dataset.from_json(response.json())
     assert len(answer.ReferencedSOPSequence) == 1
     assert answer.FailedSOPSequence[0].FailureReason == 0xC000
-    assert not list(series.parents[2].rglob("*escape*"))
+    assert not list(series.parents[3].rglob("*escape*"))
 
 
 def test_receiver_rejects_bad_requests(receiver_client: TestClient) -> None:

@@ -21,8 +21,7 @@ from starlette.requests import ClientDisconnect
 
 from models.bundle import BundleError
 from models.io import InputError
-from service import dicomweb
-from service.api import docs, jobs, models, operations, results
+from service.api import dicomweb, docs, jobs, models, operations, results
 from service.auth import KeyRing, load_keys
 from service.celery_app import make_celery
 from service.config import Settings
@@ -119,7 +118,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(results.router)
     app.include_router(models.router)
     app.include_router(operations.router)
-    app.include_router(dicomweb.router, tags=["dicomweb"], dependencies=[Depends(authenticate)])
+    app.include_router(dicomweb.router, dependencies=[Depends(authenticate)])
     app.include_router(docs.router)
     app.mount(docs.ASSETS_URL, StaticFiles(directory=docs.ASSETS_DIR), name="docs-assets")
     return app

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -99,6 +99,12 @@ class Settings(BaseSettings):
         900.0, gt=0, description="Queued jobs are re-sent to the broker after this."
     )
     log_level: str = Field("INFO", description="Log level of API and workers.")
+
+    dicomweb_url: str = Field(
+        "", description="DICOMweb root of the PACS to pull studies from and push results to; empty: none."
+    )
+    dicomweb_username: str | None = Field(None, description="HTTP basic auth user towards the PACS.")
+    dicomweb_password: SecretStr = Field(SecretStr(""), description="HTTP basic auth password.")
 
     @field_validator("job_queue")
     @classmethod

@@ -1,35 +1,35 @@
-"""DICOMweb exchange with a PACS: pull a study (QIDO-RS + WADO-RS), push results back (STOW-RS), and a
-STOW-RS endpoint that receives studies a PACS pushes to the service.
+"""DICOMweb exchange with a PACS: pull a study (QIDO-RS + WADO-RS), push results back (STOW-RS), and the
+storage of studies a PACS pushes to the service (STOW-RS, routes in :mod:`service.api.dicomweb`).
 
-Settings (environment): ``TTASEG_DICOMWEB_URL`` (DICOMweb root of the PACS, e.g.
-http://127.0.0.1:8042/dicom-web), ``TTASEG_DICOMWEB_USERNAME`` / ``TTASEG_DICOMWEB_PASSWORD`` (HTTP basic
-auth, optional). Pushed instances land in
-``<storage root>/incoming/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``; the storage root
-(``TTASEG_STORAGE_DIR``, default ./var/storage) and the largest request (``TTASEG_MAX_UPLOAD_BYTES``) are
-the service settings.
+Nothing here reads the environment: the PACS client comes from :func:`pacs_client` (``Settings.dicomweb_*``)
+and the storage root and client id are parameters. Pushed instances belong to the client whose key pushed
+them, under ``<root>/incoming/<client>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
+import hashlib
+import logging
 import re
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import requests
 from dicomweb_client import DICOMwebClient
 from dicomweb_client.session_utils import create_session_from_user_pass
-from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import JSONResponse
-from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
+from python_multipart.multipart import parse_options_header
 from retrying import RetryError
-from starlette.concurrency import run_in_threadpool
 
-from service.config import get_settings
+from service.config import Settings
+from service.errors import ApiError
+from service.multipart import Part
+
+log = logging.getLogger(__name__)
 
 NON_IMAGE_MODALITIES = frozenset(
     {"SEG", "SR", "RTSTRUCT", "RTPLAN", "RTRECORD", "RTDOSE", "RTIMAGE", "PR", "KO", "DOC", "REG", "FID"}
@@ -38,11 +38,14 @@ NON_IMAGE_MODALITIES = frozenset(
 STOW_BATCH_SIZE = 32
 RETRY_ATTEMPTS = 3  # requests refused, timed out or answered 408/429/503/504 are retried ...
 RETRY_WAIT_MS = 500  # ... after 1 s, then 2 s
+DEFER_BYTES = 64 * 1024  # element values above this are not read when a received instance is checked
+DICOM_TYPE = b"application/dicom"
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 # Failure Reason (0008,1197) values of PS3.4 Annex B used in STOW-RS responses.
 FAILURE_OUT_OF_RESOURCES = 0xA700
 FAILURE_CANNOT_UNDERSTAND = 0xC000
-FAILURE_PROCESSING = 0x0110
 
 
 class DicomWebError(RuntimeError):
@@ -58,27 +61,18 @@ class DicomWebError(RuntimeError):
         self.status_code = status_code
 
 
-class StowMediaTypeError(ValueError):
-    """A STOW-RS request whose media type the service does not accept (HTTP 415)."""
-
-
 def is_uid(value: object) -> bool:
     """True for a syntactically valid DICOM UID (digits and dots, at most 64 characters)."""
     return isinstance(value, str) and len(value) <= 64 and _UID.fullmatch(value) is not None
 
 
-def storage_root() -> Path:
-    """Storage root of the service (``TTASEG_STORAGE_DIR``, default ./var/storage)."""
-    return get_settings().resolved_storage_dir
-
-
-def client_from_env() -> DICOMwebClient:
-    """DICOMweb client for ``TTASEG_DICOMWEB_URL``, with basic auth when a username is set."""
-    url = os.environ.get("TTASEG_DICOMWEB_URL", "").strip()
+def pacs_client(settings: Settings) -> DICOMwebClient:
+    """DICOMweb client for ``settings.dicomweb_url``, with basic auth when a username is set (503 if unset)."""
+    url = settings.dicomweb_url.strip()
     if not url:
         raise DicomWebError("no PACS is configured for DICOMweb (set TTASEG_DICOMWEB_URL)", 503)
-    username = os.environ.get("TTASEG_DICOMWEB_USERNAME")
-    password = os.environ.get("TTASEG_DICOMWEB_PASSWORD", "")
+    username = settings.dicomweb_username
+    password = settings.dicomweb_password.get_secret_value()
     session = create_session_from_user_pass(username, password) if username else None
     client = DICOMwebClient(url, session=session)
     client.set_http_retry_params(max_attempts=RETRY_ATTEMPTS, wait_exponential_multiplier=RETRY_WAIT_MS)
@@ -104,18 +98,18 @@ def _pacs_errors(action: str, url: str) -> Iterator[None]:
     except RetryError as exc:  # how dicomweb-client gives up after repeated 408/429/503/504 answers
         raise DicomWebError(f"{action}: the PACS at {url} stays unavailable; try again later", 503) from exc
     except (requests.RequestException, ValueError) as exc:
-        raise DicomWebError(f"{action}: unexpected answer from the PACS ({exc})", 502) from exc
+        log.warning("%s: unexpected answer from the PACS: %s", action, exc)
+        raise DicomWebError(f"{action}: unexpected answer from the PACS", 502) from exc
 
 
-def fetch_study(study_uid: str, dest_dir: Path, client: DICOMwebClient | None = None) -> list[Path]:
+def fetch_study(study_uid: str, dest_dir: Path, client: DICOMwebClient) -> list[Path]:
     """Download the image series of a study into ``dest_dir/<SeriesInstanceUID>/NNNNNN.dcm``.
 
     Series are listed with QIDO-RS and retrieved with WADO-RS; non-image series (SEG, SR, RTSTRUCT, ...)
     and instances without pixel data are skipped. Returns the series folders written.
     """
     if not is_uid(study_uid):
-        raise DicomWebError(f"{study_uid!r} is not a valid StudyInstanceUID", 422)
-    client = client or client_from_env()
+        raise DicomWebError("the StudyInstanceUID is not a valid DICOM UID", 422)
     with _pacs_errors(f"listing the series of study {study_uid}", client.base_url):
         found = client.search_for_series(study_instance_uid=study_uid, get_remaining=True)
     if not found:
@@ -142,9 +136,8 @@ def fetch_study(study_uid: str, dest_dir: Path, client: DICOMwebClient | None = 
     return folders
 
 
-def push_instances(paths: list[Path], client: DICOMwebClient | None = None) -> None:
+def push_instances(paths: list[Path], client: DICOMwebClient) -> None:
     """Store DICOM files on the PACS with STOW-RS; raises DicomWebError when any is refused."""
-    client = client or client_from_env()
     for start in range(0, len(paths), STOW_BATCH_SIZE):
         datasets = [pydicom.dcmread(p) for p in paths[start : start + STOW_BATCH_SIZE]]
         with _pacs_errors("storing results on the PACS", client.base_url):
@@ -156,111 +149,95 @@ def push_instances(paths: list[Path], client: DICOMwebClient | None = None) -> N
             raise DicomWebError(f"{refused} (failure reason {', '.join(reasons)})", 502)
 
 
-def _multipart_parts(body: bytes, boundary: bytes) -> list[tuple[dict[str, str], bytes]]:
-    """(headers, content) of each part of a multipart body."""
-    parts: list[tuple[dict[str, str], bytes]] = []
-    headers: dict[str, str] = {}
-    field, value, data = bytearray(), bytearray(), bytearray()
-    ended = False
-
-    def on_part_begin() -> None:
-        nonlocal headers, data
-        headers, data = {}, bytearray()
-
-    def on_header_end() -> None:
-        headers[field.decode("latin-1").strip().lower()] = value.decode("latin-1").strip()
-        field.clear()
-        value.clear()
-
-    def on_end() -> None:
-        nonlocal ended
-        ended = True
-
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": on_part_begin,
-            "on_header_field": lambda b, s, e: field.extend(b[s:e]),
-            "on_header_value": lambda b, s, e: value.extend(b[s:e]),
-            "on_header_end": on_header_end,
-            "on_part_data": lambda b, s, e: data.extend(b[s:e]),
-            "on_part_end": lambda: parts.append((headers, bytes(data))),
-            "on_end": on_end,
-        },
-    )
-    try:
-        parser.write(body)
-        parser.finalize()
-    except MultipartParseError as exc:
-        raise ValueError(f"malformed multipart body: {exc}") from exc
-    if not ended:
-        raise ValueError("malformed multipart body: the closing boundary is missing (truncated request?)")
-    return parts
-
-
-def parse_stow_request(body: bytes, content_type: str) -> list[pydicom.Dataset]:
-    """Datasets of a STOW-RS request body (``multipart/related; type="application/dicom"``).
-
-    Raises StowMediaTypeError (a ValueError) for another media type, ValueError for a malformed body or a
-    part that is not a DICOM Part 10 file.
-    """
-    media_type, params = parse_options_header(content_type or "")
+def check_stow_type(content_type: str) -> None:
+    """Refuse (415) a STOW-RS request that is not ``multipart/related; type="application/dicom"``."""
+    media_type, params = parse_options_header(content_type)
     if media_type.lower() != b"multipart/related":
-        raise StowMediaTypeError(
-            f'expected multipart/related; type="application/dicom", got {content_type!r}'
+        raise ApiError(415, 'send multipart/related; type="application/dicom"')
+    if params.get(b"type", DICOM_TYPE).lower() != DICOM_TYPE:
+        raise ApiError(
+            415, "only application/dicom parts are accepted (not application/dicom+json or bulk data)"
         )
-    part_type = params.get(b"type", b"application/dicom").lower()
-    if part_type != b"application/dicom":
-        raise StowMediaTypeError(
-            f"only application/dicom parts are accepted, not {part_type.decode('latin-1')}"
-        )
-    boundary = params.get(b"boundary")
-    if not boundary:
-        raise ValueError("the multipart/related content type has no boundary")
-    datasets = []
-    for number, (headers, content) in enumerate(_multipart_parts(body, boundary), start=1):
-        own_type = parse_options_header(headers.get("content-type", "application/dicom"))[0].lower()
-        if own_type != b"application/dicom":
-            raise ValueError(
-                f"part {number} has content type {own_type.decode('latin-1')}, not application/dicom"
-            )
-        try:
-            datasets.append(pydicom.dcmread(BytesIO(content)))
-        except Exception as exc:  # pydicom raises many types for corrupt input
-            raise ValueError(f"part {number} is not a DICOM Part 10 file ({exc})") from exc
-    if not datasets:
-        raise ValueError("the request holds no DICOM instances")
-    return datasets
 
 
-def _write_instance(ds: pydicom.Dataset, folder: Path, sop_uid: str) -> int | None:
-    """Write one received instance atomically; the STOW-RS failure reason, or None when stored."""
+def spool_stow_part(part: Part) -> bool:
+    """Multipart hook of STOW-RS: every part is spooled to disk and must be application/dicom (else 415)."""
+    media_type = part.header_options("content-type")[0] or DICOM_TYPE
+    if media_type != DICOM_TYPE:
+        raise ApiError(415, f"part {part.number} is not application/dicom")
+    return True
+
+
+def incoming_dir(root: Path, client_id: str) -> Path:
+    """Folder of the studies a client pushed: ``root/incoming/<client>``.
+
+    A client id that is not a safe file name (letters, digits, ``._-``, at most 64) is replaced by a digest
+    of it, prefixed with ``~`` so that it never equals a safe name.
+    """
+    name = (
+        client_id if _SAFE_NAME.fullmatch(client_id) else "~" + hashlib.sha256(client_id.encode()).hexdigest()
+    )
+    return Path(root) / "incoming" / name
+
+
+def incoming_study_series(root: Path, client_id: str, study_uid: str) -> list[Path]:
+    """Folders of the series ``client_id`` pushed for a study (empty when it pushed none).
+
+    Raises ValueError for a malformed StudyInstanceUID.
+    """
+    if not is_uid(study_uid):
+        raise ValueError("not a valid StudyInstanceUID")
+    study = incoming_dir(root, client_id) / study_uid
+    if not study.is_dir():
+        return []
+    return sorted(d for d in study.iterdir() if d.is_dir() and any(d.glob("*.dcm")))
+
+
+def _instance_uids(part: Part) -> tuple[str, str, str, str]:
+    """Study, series, SOP instance and SOP class UIDs of a spooled part (400 when it is not DICOM Part 10)."""
+    assert part.path is not None
+    try:
+        ds = pydicom.dcmread(part.path, stop_before_pixels=True, defer_size=DEFER_BYTES)
+        study, series, sop, sop_class = (str(ds.get(k, "")) for k in _UID_KEYWORDS)
+    except Exception as exc:  # pydicom raises many types for corrupt input
+        log.info("STOW-RS part %d is not DICOM Part 10: %s", part.number, exc)
+        raise ApiError(400, f"part {part.number} is not a DICOM Part 10 file") from None
+    return study, series, sop, sop_class
+
+
+def _write_instance(src: Path, folder: Path, sop_uid: str) -> int | None:
+    """Move one received instance into place atomically; the STOW-RS failure reason, or None when stored."""
     partial = folder / f".{sop_uid}.{uuid.uuid4().hex}.part"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        ds.save_as(partial, enforce_file_format=True)
+        shutil.move(src, partial)
         partial.replace(folder / f"{sop_uid}.dcm")
         return None
-    except OSError:
-        reason = FAILURE_OUT_OF_RESOURCES
-    except Exception:  # an instance pydicom cannot re-encode must not fail the others
-        reason = FAILURE_PROCESSING
-    partial.unlink(missing_ok=True)
-    return reason
+    except OSError as exc:
+        log.warning("STOW-RS: instance %s not stored: %s", sop_uid, exc)
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        return FAILURE_OUT_OF_RESOURCES
 
 
-def _store_received(datasets: list[pydicom.Dataset], root: Path) -> pydicom.Dataset:
-    """Write received instances under ``root/incoming`` and build the STOW-RS response dataset."""
+def store_parts(parts: list[Part], root: Path, client_id: str) -> pydicom.Dataset:
+    """Check the spooled parts of a STOW-RS request, move them under :func:`incoming_dir` and answer.
+
+    Every part is read first (without pixel data or large values): one that is not DICOM Part 10 refuses the
+    whole request (400) before anything is stored. Returns the PS3.18 Store Instances response dataset.
+    """
+    if not parts:
+        raise ApiError(400, "the request holds no DICOM instances")
+    checked = [(part, _instance_uids(part)) for part in parts]
+    owner = incoming_dir(root, client_id)
     stored, failed = [], []
-    for ds in datasets:
+    for part, (study, series, sop, sop_class) in checked:
         item = pydicom.Dataset()
-        item.ReferencedSOPClassUID = str(ds.get("SOPClassUID", ""))
-        item.ReferencedSOPInstanceUID = str(ds.get("SOPInstanceUID", ""))
-        study, series, sop = (
-            str(ds.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-        )
-        if all(is_uid(u) for u in (study, series, sop, item.ReferencedSOPClassUID)):
-            reason = _write_instance(ds, root / "incoming" / study / series, sop)
+        item.ReferencedSOPClassUID = sop_class[:64]
+        item.ReferencedSOPInstanceUID = sop[:64]
+        if all(is_uid(u) for u in (study, series, sop, sop_class)):
+            assert part.path is not None
+            reason = _write_instance(part.path, owner / study / series, sop)
         else:
             reason = FAILURE_CANNOT_UNDERSTAND
         if reason is None:
@@ -273,64 +250,3 @@ def _store_received(datasets: list[pydicom.Dataset], root: Path) -> pydicom.Data
     if failed:
         answer.FailedSOPSequence = failed
     return answer
-
-
-def incoming_study_series(study_uid: str) -> list[Path]:
-    """Folders of the series received for a study by STOW-RS (empty when nothing was received)."""
-    if not is_uid(study_uid):
-        raise ValueError(f"{study_uid!r} is not a valid StudyInstanceUID")
-    study = storage_root() / "incoming" / study_uid
-    if not study.is_dir():
-        return []
-    return sorted(d for d in study.iterdir() if d.is_dir() and any(d.glob("*.dcm")))
-
-
-async def _read_body(request: Request) -> bytes:
-    limit = get_settings().max_upload_bytes
-    if int(request.headers.get("content-length") or 0) > limit:
-        raise HTTPException(413, f"STOW-RS request larger than {limit // 2**20} MB")
-    body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > limit:
-            raise HTTPException(413, f"STOW-RS request larger than {limit // 2**20} MB")
-    return bytes(body)
-
-
-router = APIRouter()
-
-
-@router.post("/dicomweb/studies", summary="Receive instances pushed by a PACS (STOW-RS)")
-async def stow_studies(request: Request) -> JSONResponse:
-    """Store the pushed instances; answers the PS3.18 Store Instances response (application/dicom+json).
-
-    200: all stored; 202: some failed (FailedSOPSequence); 409: none stored; 400/415: bad request body.
-    """
-    body = await _read_body(request)
-    try:
-        datasets = await run_in_threadpool(parse_stow_request, body, request.headers.get("content-type", ""))
-    except StowMediaTypeError as exc:
-        raise HTTPException(415, str(exc)) from exc
-    except ValueError as exc:
-        raise HTTPException(400, str(exc)) from exc
-    answer = await run_in_threadpool(_store_received, datasets, storage_root())
-    failed = len(answer.get("FailedSOPSequence") or [])
-    status = 200 if not failed else 409 if failed == len(datasets) else 202
-    return JSONResponse(answer.to_json_dict(), status_code=status, media_type="application/dicom+json")
-
-
-@router.get("/dicomweb/studies/{study_uid}", summary="Series and instances received for a pushed study")
-def incoming_study_status(study_uid: str) -> dict:
-    """Received series of a study with their instance counts; 404 when nothing was received."""
-    try:
-        folders = incoming_study_series(study_uid)
-    except ValueError as exc:
-        raise HTTPException(400, str(exc)) from exc
-    if not folders:
-        raise HTTPException(404, f"no instances received for study {study_uid}")
-    series = [{"series_instance_uid": f.name, "instances": len(list(f.glob("*.dcm")))} for f in folders]
-    return {
-        "study_instance_uid": study_uid,
-        "series": series,
-        "instances": sum(s["instances"] for s in series),
-    }

@@ -1,8 +1,4 @@
-"""Streaming multipart parsing straight to a staging folder, and grouping of uploaded files into scans.
-
-Nothing is buffered in memory beyond one network chunk: file parts are written to disk as they arrive, with
-their sha256 and the running body size checked against the upload limit.
-"""
+"""Grouping of uploaded files (streamed to a staging folder by :mod:`service.multipart`) into scans."""
 
 from __future__ import annotations
 
@@ -11,40 +7,15 @@ import re
 import shutil
 import stat
 import zipfile
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
-
-import python_multipart
-from python_multipart.multipart import parse_options_header
 
 from service.errors import ApiError
+from service.multipart import FILE_FIELD, UploadedFile
 
-MAX_FIELD_BYTES = 64 * 1024
-MAX_PARTS = 10_000
 MAX_ZIP_ENTRIES = 20_000
-FILE_FIELD = "files"
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _IMAGE_SUFFIXES = {".nii.gz": "nifti", ".nii": "nifti", ".nrrd": "nrrd", ".mha": "mha"}
-
-
-@dataclass
-class UploadedFile:
-    """One file part as written to the staging folder."""
-
-    filename: str
-    path: Path
-    size: int
-    sha256: str
-
-
-@dataclass
-class ParsedForm:
-    """Text fields and file parts of a multipart body."""
-
-    fields: dict[str, str] = field(default_factory=dict)
-    files: list[UploadedFile] = field(default_factory=list)
 
 
 @dataclass
@@ -59,140 +30,6 @@ class StagedScan:
     files: int
     shape: list[int] | None = None
     spacing: list[float] | None = None
-
-
-class _Collector:
-    """python-multipart callbacks that stream file parts to disk."""
-
-    def __init__(self, staging: Path) -> None:
-        self.staging = staging
-        self.form = ParsedForm()
-        self.ended = False
-        self.parts = 0
-        self._header_name = b""
-        self._header_value = b""
-        self._disposition = b""
-        self._field_name = ""
-        self._field_data = bytearray()
-        self._file: BinaryIO | None = None
-        self._file_name = ""
-        self._file_path: Path | None = None
-        self._file_size = 0
-        self._file_hash = hashlib.sha256()
-
-    def on_part_begin(self) -> None:
-        self.parts += 1
-        if self.parts > MAX_PARTS:
-            raise ApiError(413, f"too many parts in the form (at most {MAX_PARTS})")
-        self._disposition = b""
-        self._field_data = bytearray()
-        self._file = None
-
-    def on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._header_name += data[start:end]
-
-    def on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._header_value += data[start:end]
-
-    def on_header_end(self) -> None:
-        if self._header_name.lower() == b"content-disposition":
-            self._disposition = self._header_value
-        self._header_name = self._header_value = b""
-
-    def on_headers_finished(self) -> None:
-        _, options = parse_options_header(self._disposition)
-        if b"name" not in options:
-            raise ApiError(400, "a form part has no Content-Disposition name")
-        self._field_name = options[b"name"].decode("utf-8", "replace")
-        if b"filename" in options:
-            if self._field_name != FILE_FIELD:
-                raise ApiError(
-                    422, f"files must be sent in the `{FILE_FIELD}` field, not `{self._field_name}`"
-                )
-            self._file_name = options[b"filename"].decode("utf-8", "replace")
-            self._file_path = self.staging / f"upload_{len(self.form.files):05d}"
-            self._file = self._file_path.open("wb")
-            self._file_size = 0
-            self._file_hash = hashlib.sha256()
-
-    def on_part_data(self, data: bytes, start: int, end: int) -> None:
-        chunk = data[start:end]
-        if self._file is not None:
-            self._file.write(chunk)
-            self._file_hash.update(chunk)
-            self._file_size += len(chunk)
-            return
-        if len(self._field_data) + len(chunk) > MAX_FIELD_BYTES:
-            raise ApiError(413, f"form field `{self._field_name}` is larger than {MAX_FIELD_BYTES} bytes")
-        self._field_data.extend(chunk)
-
-    def on_part_end(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-            assert self._file_path is not None
-            self.form.files.append(
-                UploadedFile(self._file_name, self._file_path, self._file_size, self._file_hash.hexdigest())
-            )
-            return
-        if self._field_name == FILE_FIELD:
-            raise ApiError(422, f"the `{FILE_FIELD}` field must carry files (with a filename)")
-        if self._field_name in self.form.fields:
-            raise ApiError(422, f"form field `{self._field_name}` was given more than once")
-        try:
-            self.form.fields[self._field_name] = self._field_data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ApiError(422, f"form field `{self._field_name}` is not valid UTF-8") from None
-
-    def on_end(self) -> None:
-        self.ended = True
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-
-
-async def parse_multipart(
-    content_type: str, stream: AsyncIterator[bytes], staging: Path, max_bytes: int
-) -> ParsedForm:
-    """Parse a multipart/form-data body from ``stream``, writing file parts into ``staging``.
-
-    Raises :class:`ApiError` (413 as soon as more than ``max_bytes`` arrived, 400 for malformed bodies).
-    """
-    _, params = parse_options_header(content_type)
-    boundary = params.get(b"boundary")
-    if not boundary:
-        raise ApiError(400, "multipart/form-data without a boundary")
-    collector = _Collector(staging)
-    callbacks = {
-        name: getattr(collector, name)
-        for name in (
-            "on_part_begin",
-            "on_part_data",
-            "on_part_end",
-            "on_header_field",
-            "on_header_value",
-            "on_header_end",
-            "on_headers_finished",
-            "on_end",
-        )
-    }
-    parser = python_multipart.MultipartParser(boundary, callbacks)
-    received = 0
-    try:
-        async for chunk in stream:
-            received += len(chunk)
-            if received > max_bytes:
-                raise ApiError(413, f"upload larger than the limit of {max_bytes} bytes")
-            parser.write(chunk)
-        parser.finalize()
-    except python_multipart.exceptions.FormParserError as exc:
-        raise ApiError(400, f"malformed multipart body: {exc}") from None
-    finally:
-        collector.close()
-    if not collector.ended:
-        raise ApiError(400, "malformed multipart body: truncated (no closing boundary)")
-    return collector.form
 
 
 def safe_name(name: str, fallback: str = "scan") -> str:

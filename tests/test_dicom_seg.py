@@ -1,4 +1,4 @@
-"""DICOM SEG export on a real MR series, and parsing of STOW-RS request bodies."""
+"""DICOM SEG export on a real MR series."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import pytest
 import SimpleITK as sitk
 
 from service.dicom_seg import read_dicom_seg, write_dicom_seg
-from service.dicomweb import StowMediaTypeError, parse_stow_request
 
 SERIES_DIR = Path(__file__).resolve().parents[1].parent / "shared/data/dicom/prostate3t_t2/Prostate3T-03-0001"
 LABELS = {1: "prostate", 2: "lesion"}
@@ -122,52 +121,3 @@ def test_label_map_off_the_series_grid_is_refused(
     sitk.WriteImage(shifted, str(tmp_path / "shifted.nii.gz"))
     with pytest.raises(ValueError, match="not on the label map grid"):
         write_dicom_seg(tmp_path / "shifted.nii.gz", SERIES_DIR, LABELS, tmp_path / "seg.dcm")
-
-
-def stow_body(parts: list[bytes], boundary: bytes) -> bytes:
-    chunks = [
-        b"--" + boundary + b"\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n" for part in parts
-    ]
-    return b"".join(chunks) + b"--" + boundary + b"--\r\n"
-
-
-@pytest.mark.parametrize(
-    ("content_type", "boundary"),
-    [
-        ('multipart/related; type="application/dicom"; boundary="a:b c=d"', b"a:b c=d"),
-        ("Multipart/Related; boundary=plain-123; type=application/dicom", b"plain-123"),
-        ('multipart/related; boundary="plain-123"', b"plain-123"),
-    ],
-)
-def test_parse_stow_request_reads_real_instances(content_type: str, boundary: bytes) -> None:
-    if not SERIES_DIR.is_dir():
-        pytest.skip(f"test series missing: {SERIES_DIR}")
-    files = sorted(SERIES_DIR.glob("*.dcm"))[:3]
-    datasets = parse_stow_request(stow_body([f.read_bytes() for f in files], boundary), content_type)
-    expected = [pydicom.dcmread(f) for f in files]
-    assert [ds.SOPInstanceUID for ds in datasets] == [ds.SOPInstanceUID for ds in expected]
-    assert all(np.array_equal(a.pixel_array, b.pixel_array) for a, b in zip(datasets, expected, strict=True))
-
-
-@pytest.mark.parametrize(
-    ("body", "content_type", "error", "reason"),
-    [
-        (b"{}", "application/json", StowMediaTypeError, "multipart/related"),
-        (
-            b"",
-            'multipart/related; type="application/dicom+json"; boundary=x',
-            StowMediaTypeError,
-            "dicom\\+json",
-        ),
-        (b"", 'multipart/related; type="application/dicom"', ValueError, "no boundary"),
-        (stow_body([b"\0" * 200 + b"garbage"], b"x"), "multipart/related; boundary=x", ValueError, "part 1"),
-        (stow_body([b"junk"], b"x")[:-8], "multipart/related; boundary=x", ValueError, "closing boundary"),
-        (b"--x--\r\n", "multipart/related; boundary=x", ValueError, "no DICOM"),
-        (b"random bytes", "multipart/related; boundary=x", ValueError, "malformed|closing"),
-    ],
-)
-def test_parse_stow_request_rejects_bad_bodies(
-    body: bytes, content_type: str, error: type, reason: str
-) -> None:
-    with pytest.raises(error, match=reason):
-        parse_stow_request(body, content_type)

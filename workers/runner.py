@@ -169,17 +169,17 @@ def _retry_or_fail(ctx: Context, job: Job, token: str, exc: BaseException) -> No
         enqueue(ctx.db, ctx.celery, job.id, job.queue, countdown=min(60.0, 5.0 * job.attempts))
 
 
-def _study_series(job: Job, dest: Path) -> list[Path]:
-    """Series folders of the job's study: pushed earlier (STOW-RS), else pulled from the PACS."""
+def _study_series(ctx: Context, job: Job, dest: Path) -> list[Path]:
+    """Series folders of the job's study: pushed earlier by its client (STOW-RS), else pulled from the PACS."""
     try:
         from service import dicomweb
     except ImportError:
         raise PermanentError("DICOMweb retrieval is not available on this worker") from None
-    received = dicomweb.incoming_study_series(job.study_uid)
+    received = dicomweb.incoming_study_series(ctx.settings.resolved_storage_dir, job.client_id, job.study_uid)
     if received:
         return received
     try:
-        return dicomweb.fetch_study(job.study_uid, dest)
+        return dicomweb.fetch_study(job.study_uid, dest, dicomweb.pacs_client(ctx.settings))
     except dicomweb.DicomWebError as exc:
         if exc.status_code in (404, 422):
             raise PermanentError(str(exc)) from None
@@ -191,7 +191,7 @@ def _fetch_study(ctx: Context, job: Job, dest: Path, progress: _Progress) -> Non
     from models.io import InputError, read_image
 
     progress("fetching", 0.0)
-    paths = _study_series(job, dest)
+    paths = _study_series(ctx, job, dest)
     scans: list[Scan] = []
     for position, path in enumerate(paths):
         try:

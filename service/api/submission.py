@@ -22,9 +22,10 @@ from service.auth import Client
 from service.config import Settings
 from service.deps import AppState
 from service.errors import ApiError, sanitise, short, validation_text
+from service.multipart import FILE_FIELD, UploadedFile, parse_multipart
 from service.schemas import PATTERN_HINTS, JobAccepted, JobOptions, StudyJobRequest
 from service.states import JobSource, JobState
-from service.uploads import FILE_FIELD, StagedScan, UploadedFile, assemble_scans, parse_multipart
+from service.uploads import StagedScan, assemble_scans
 from service.validation import validate_scan
 
 MAX_JSON_BYTES = 64 * 1024
@@ -124,15 +125,11 @@ def stage_scans(files: list[UploadedFile], staging: Path, settings: Settings) ->
     return scans
 
 
-def study_available(study_uid: str) -> bool:
-    """Whether the study was pushed to the STOW-RS endpoint, or a PACS is configured to pull it from."""
-    if dicomweb.incoming_study_series(study_uid):
+def study_available(settings: Settings, client: Client, study_uid: str) -> bool:
+    """Whether this client pushed the study to the STOW-RS endpoint, or a PACS is configured to pull it from."""
+    if dicomweb.incoming_study_series(settings.resolved_storage_dir, client.id, study_uid):
         return True
-    try:
-        dicomweb.client_from_env()
-    except dicomweb.DicomWebError:
-        return False
-    return True
+    return bool(settings.dicomweb_url.strip())
 
 
 @dataclass(frozen=True)
@@ -201,7 +198,7 @@ async def _json_body(request: Request) -> Any:
 async def submit_study(request: Request, state: AppState, client: Client) -> Recorded:
     """A job whose scans a worker pulls from the PACS (or from instances pushed to the STOW-RS endpoint)."""
     study = parse_options(StudyJobRequest, await _json_body(request), state.settings.max_steps)
-    if not await run_in_threadpool(study_available, study.study_uid):
+    if not await run_in_threadpool(study_available, state.settings, client, study.study_uid):
         raise ApiError(422, "no PACS is configured and this study was not pushed here; upload the scans")
     bundle = await run_in_threadpool(resolve_model, state.settings.bundles, study.model)
     return await run_in_threadpool(
