@@ -26,6 +26,7 @@ from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
 from service import jobs as job_ops
+from service.api import web
 from service.auth import Client, KeyRing, load_keys
 from service.celery_app import make_celery
 from service.config import Settings, get_settings
@@ -301,6 +302,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": str(exc)}, status_code=422)
 
     register_routes(app)
+    app.include_router(web.router)
     if importlib.util.find_spec("service.dicomweb") is not None:
         from service import dicomweb
 
