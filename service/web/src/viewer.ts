@@ -24,8 +24,8 @@ const niftiName = (buffer: ArrayBuffer, stem: string): string => {
   return bytes[0] === 0x1f && bytes[1] === 0x8b ? `${stem}.nii.gz` : `${stem}.nii`;
 };
 
-/** World position (mm) of the centre of the labelled voxels, from the NIfTI affine. */
-function labelCentre(volume: NVImage): number[] | null {
+/** Fractional position of the centre of the labelled voxels (NiiVue's RAS-ordered voxel grid). */
+function labelCentre(volume: NVImage): [number, number, number] | null {
   const [, nx, ny] = volume.hdr!.dims;
   const data = volume.img!;
   const sum = [0, 0, 0];
@@ -38,8 +38,12 @@ function labelCentre(volume: NVImage): number[] | null {
     count++;
   }
   if (!count) return null;
-  const voxel = [...sum.map((s) => s / count), 1];
-  return volume.hdr!.affine.slice(0, 3).map((row) => row.reduce((acc, a, i) => acc + a * voxel[i], 0));
+  // permRAS: which file axis (1-3) runs along R, A, S; negative when it runs the other way
+  const ras = volume.permRAS!.map((axis, i) => {
+    const voxel = sum[Math.abs(axis) - 1] / count;
+    return axis > 0 ? voxel : volume.dimsRAS![i + 1] - 1 - voxel;
+  });
+  return volume.convertVox2Frac(ras as [number, number, number]) as [number, number, number];
 }
 
 /** Build the viewer for one finished scan; `labels` maps label values to structure names. */
@@ -79,6 +83,7 @@ export async function createViewer(
       isColorbar: false,
       multiplanarLayout: MULTIPLANAR_TYPE.ROW,
       multiplanarShowRender: SHOW_RENDER.NEVER,
+      multiplanarEqualSize: true,
     });
     await nv.attachToCanvas(canvas);
     const [imageData, labelData] = await Promise.all([getBuffer(imageUrl), getBuffer(links.segmentation)]);
@@ -95,7 +100,7 @@ export async function createViewer(
     nv.setSliceType(SLICE_TYPE.MULTIPLANAR);
     const centre = labelCentre(labelMap);
     if (centre) {
-      nv.scene.crosshairPos = nv.mm2frac(centre as [number, number, number]);
+      nv.scene.crosshairPos = centre;
       nv.drawScene();
     }
     opacity.addEventListener("input", () => nv.setOpacity(1, Number(opacity.value) / 100));
