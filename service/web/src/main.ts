@@ -15,7 +15,8 @@ const ACTIVE = ["queued", "running"];
 let route = 0; // bumped on every navigation: a stale view's timers stop themselves
 
 const badge = (state: string) => h("span", { class: `badge state-${state}` }, state);
-const when = (iso: string) => new Date(iso.endsWith("Z") || iso.includes("+") ? iso : `${iso}Z`).toLocaleString();
+const when = (iso: string) =>
+  new Date(/Z|[+-]\d\d:\d\d$/.test(iso) ? iso : `${iso}Z`).toLocaleString([], { dateStyle: "short", timeStyle: "short" });
 
 function alertBox(message: string): HTMLElement {
   return h("p", { class: "alert", role: "alert" }, message);
@@ -84,7 +85,12 @@ function submitForm(): HTMLElement {
     "aria-describedby": "files-help",
   }) as HTMLInputElement;
   const fileList = h("ul", { class: "files", "aria-label": "Chosen scans" });
-  const model = h("select", { id: "model", required: "" }, h("option", { value: "" }, "Loading models…"));
+  const model = h(
+    "select",
+    { id: "model", required: "", "aria-describedby": "model-help" },
+    h("option", { value: "" }, "Loading models…"),
+  ) as HTMLSelectElement;
+  const modelHelp = h("p", { id: "model-help", class: "help" });
   const method = h("select", { id: "adaptation" }, ...METHODS.map(([v, text]) => h("option", { value: v }, text)));
   const progress = h("progress", { id: "upload-progress", max: "100", value: "0", hidden: "" });
   const status = h("div", { "aria-live": "polite", id: "submit-status" });
@@ -127,12 +133,18 @@ function submitForm(): HTMLElement {
     add(event.dataTransfer?.files ?? null);
   });
   getJson<Model[]>("/v1/models").then(
-    (models) =>
-      model.replaceChildren(
-        ...models.map((m) =>
-          h("option", { value: m.ref }, `${m.ref}${m.card.description ? ` (${m.card.description})` : ""}`),
-        ),
-      ),
+    (models) => {
+      const describe = () => {
+        const card = models.find((m) => m.ref === model.value)?.card;
+        const structures = Object.entries(card?.labels ?? {}).filter(([value]) => value !== "0");
+        modelHelp.textContent = [card?.description?.replace(/([^.])$/, "$1."), structures.length && `Structures: ${structures.map(([, n]) => n).join(", ")}.`]
+          .filter(Boolean)
+          .join(" ");
+      };
+      model.replaceChildren(...models.map((m) => h("option", { value: m.ref }, m.ref)));
+      model.addEventListener("change", describe);
+      describe();
+    },
     (error) => status.replaceChildren(alertBox(`Models could not be loaded: ${error.message}`)),
   );
   const form = h(
@@ -142,6 +154,7 @@ function submitForm(): HTMLElement {
     drop,
     h("label", { for: "model" }, "Model"),
     model,
+    modelHelp,
     h("label", { for: "adaptation" }, "Adaptation method"),
     method,
     h("label", { for: "upload-progress", class: "visually-hidden" }, "Upload progress"),
@@ -154,7 +167,7 @@ function submitForm(): HTMLElement {
     if (!chosen.length) return status.replaceChildren(alertBox("Choose at least one scan."));
     const body = new FormData();
     for (const file of chosen) body.append("files", file, file.name);
-    body.append("model", (model as HTMLSelectElement).value);
+    body.append("model", model.value);
     body.append("adaptation", (method as HTMLSelectElement).value);
     button.disabled = true;
     progress.hidden = false;
