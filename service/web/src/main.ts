@@ -6,7 +6,7 @@ import { labelColour } from "./colours";
 
 const main = document.getElementById("main")!;
 const METHODS: [string, string][] = [
-  ["mpl", "mpl: masked pseudo-labelling (default, adapts best)"],
+  ["mpl", "mpl: masked pseudo-labelling (default)"],
   ["tent", "tent: entropy minimisation"],
   ["norm", "norm: re-estimated normalisation"],
   ["none", "none: the source model as trained"],
@@ -275,6 +275,8 @@ function scanCard(job: Job, scan: Job["scans"][number], labels: Record<string, s
         ` ${scan.fallback_reason ?? "the adapted prediction was implausible"}`,
       ),
     );
+  else if (scan.state === "succeeded" && job.adaptation !== "none")
+    card.append(h("p", { class: "fallback" }, "Guard: the adapted prediction was kept."));
   card.append(
     h("p", { class: "muted" }, `${scan.kind}, ${scan.size?.join(" × ") ?? "?"} voxels of ${scan.spacing?.map((s) => s.toFixed(2)).join(" × ") ?? "?"} mm`),
   );
