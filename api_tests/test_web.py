@@ -135,6 +135,14 @@ def test_fallback_badge_and_other_clients(page, stack, scan_dir):
             (FALLBACK_REASON, job["id"]),
         )
     sign_in(page)
+    page.locator(".dropzone").evaluate(
+        """zone => {
+            const files = new DataTransfer();
+            files.items.add(new File(["x"], "dropped.nii.gz"));
+            zone.dispatchEvent(new DragEvent("drop", { dataTransfer: files, bubbles: true, cancelable: true }));
+        }"""
+    )
+    assert page.locator(".files li").inner_text().startswith("dropped.nii.gz")
     page.goto(f"/ui/#/jobs/{job['id']}")
     page.locator(".fallback", has_text=FALLBACK_REASON).get_by_text("Fallback: source model").wait_for()
     page.get_by_text("1 of 1 scans").wait_for()

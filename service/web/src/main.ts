@@ -64,7 +64,7 @@ function signInView(message?: string): void {
     event.preventDefault();
     const key = (input as HTMLInputElement).value.trim();
     try {
-      await getJson("/v1/models", key);
+      await getJson("/v1/jobs?limit=1", key);
       session.signIn(key);
       render();
     } catch (err) {
