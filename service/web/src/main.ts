@@ -16,7 +16,10 @@ let route = 0; // bumped on every navigation: a stale view's timers stop themsel
 
 const badge = (state: string) => h("span", { class: `badge state-${state}` }, state);
 const when = (iso: string) =>
-  new Date(/Z|[+-]\d\d:\d\d$/.test(iso) ? iso : `${iso}Z`).toLocaleString([], { dateStyle: "short", timeStyle: "short" });
+  new Date(/Z|[+-]\d\d:\d\d$/.test(iso) ? iso : `${iso}Z`).toLocaleString([], {
+    dateStyle: "short",
+    timeStyle: "short",
+  });
 
 function alertBox(message: string): HTMLElement {
   return h("p", { class: "alert", role: "alert" }, message);
@@ -137,7 +140,10 @@ function submitForm(): HTMLElement {
       const describe = () => {
         const card = models.find((m) => m.ref === model.value)?.card;
         const structures = Object.entries(card?.labels ?? {}).filter(([value]) => value !== "0");
-        modelHelp.textContent = [card?.description?.replace(/([^.])$/, "$1."), structures.length && `Structures: ${structures.map(([, n]) => n).join(", ")}.`]
+        modelHelp.textContent = [
+          card?.description?.replace(/([^.])$/, "$1."),
+          structures.length && `Structures: ${structures.map(([, n]) => n).join(", ")}.`,
+        ]
           .filter(Boolean)
           .join(" ");
       };
@@ -221,7 +227,12 @@ function jobsList(view: number): HTMLElement {
     }
     return true;
   });
-  return h("section", { class: "card", "aria-labelledby": "jobs-title" }, h("h2", { id: "jobs-title" }, "Your jobs"), body);
+  return h(
+    "section",
+    { class: "card", "aria-labelledby": "jobs-title" },
+    h("h2", { id: "jobs-title" }, "Your jobs"),
+    body,
+  );
 }
 
 function homeView(view: number): void {
@@ -235,11 +246,17 @@ function jobSummary(job: Job): HTMLElement {
   const t = job.timings;
   const rows: [string, Node | string][] = [
     ["State", h("span", {}, badge(job.state), " ", progressCell(job))],
-    ["Model", job.bundle_used && job.bundle_used !== job.bundle ? `${job.bundle} (used ${job.bundle_used})` : job.bundle],
+    [
+      "Model",
+      job.bundle_used && job.bundle_used !== job.bundle ? `${job.bundle} (used ${job.bundle_used})` : job.bundle,
+    ],
     ["Method", `${job.adaptation}${job.steps ? `, ${job.steps} steps requested` : ""}`],
     ["Device", job.device ?? "–"],
     ["Submitted", when(job.created_at)],
-    ["Seconds", `queued ${fmt(t.queued_seconds)}, adaptation ${fmt(t.adapt_seconds)}, segmentation ${fmt(t.segment_seconds)}, total ${fmt(t.total_seconds)}`],
+    [
+      "Seconds",
+      `queued ${fmt(t.queued_seconds)}, adaptation ${fmt(t.adapt_seconds)}, segmentation ${fmt(t.segment_seconds)}, total ${fmt(t.total_seconds)}`,
+    ],
     ["Fallbacks", `${job.fallbacks} of ${job.scans.length} scans`],
   ];
   return h(
@@ -278,7 +295,11 @@ function scanCard(job: Job, scan: Job["scans"][number], labels: Record<string, s
   else if (scan.state === "succeeded" && job.adaptation !== "none")
     card.append(h("p", { class: "fallback" }, "Guard: the adapted prediction was kept."));
   card.append(
-    h("p", { class: "muted" }, `${scan.kind}, ${scan.size?.join(" × ") ?? "?"} voxels of ${scan.spacing?.map((s) => s.toFixed(2)).join(" × ") ?? "?"} mm`),
+    h(
+      "p",
+      { class: "muted" },
+      `${scan.kind}, ${scan.size?.join(" × ") ?? "?"} voxels of ${scan.spacing?.map((s) => s.toFixed(2)).join(" × ") ?? "?"} mm`,
+    ),
   );
   if (scan.state !== "succeeded") return card;
   const adaptation = h("p", {}, "Adaptation: loading…");
@@ -303,7 +324,12 @@ function scanCard(job: Job, scan: Job["scans"][number], labels: Record<string, s
       h("a", { class: "button", href: `#/jobs/${job.id}/${encodeURIComponent(scan.name)}` }, "Show in viewer"),
       downloadButton("Label map (NIfTI)", scan.links.segmentation, `${scan.name}_labels.nii.gz`, status),
       scan.links.dicom_seg ? downloadButton("DICOM SEG", scan.links.dicom_seg, `${scan.name}_seg.dcm`, status) : null,
-      downloadButton("Result (JSON)", `/v1/jobs/${job.id}/scans/${encodeURIComponent(scan.name)}/report`, `${scan.name}.json`, status),
+      downloadButton(
+        "Result (JSON)",
+        `/v1/jobs/${job.id}/scans/${encodeURIComponent(scan.name)}/report`,
+        `${scan.name}.json`,
+        status,
+      ),
     ),
     status,
   );
@@ -312,7 +338,8 @@ function scanCard(job: Job, scan: Job["scans"][number], labels: Record<string, s
       const parts = [`${report.steps_run} steps in ${fmt(report.adaptation_seconds as number)} s`];
       if (report.adaptation_stopped_early) parts.push("stopped early");
       if (report.adaptation_restarts) parts.push(`${report.adaptation_restarts} restart(s)`);
-      if ((report.adaptation_collapsed as string[]).length) parts.push(`collapsed: ${(report.adaptation_collapsed as string[]).join(", ")}`);
+      if ((report.adaptation_collapsed as string[]).length)
+        parts.push(`collapsed: ${(report.adaptation_collapsed as string[]).join(", ")}`);
       adaptation.textContent = `Adaptation (${report.method}): ${parts.join(", ")}; scan segmented in ${fmt(scan.seconds)} s.`;
     },
     () => (adaptation.textContent = "Adaptation: not available."),
@@ -346,16 +373,16 @@ async function jobView(view: number, id: string, selected?: string): Promise<voi
     cancel.hidden = !ACTIVE.includes(job.state);
     if (ACTIVE.includes(job.state)) return true;
     const done = job.scans.filter((s) => s.state === "succeeded");
-    const labels = done.length
-      ? (await getJson<{ labels: Record<string, string> }>(done[0].links.volumes)).labels
-      : {};
+    const labels = done.length ? (await getJson<{ labels: Record<string, string> }>(done[0].links.volumes)).labels : {};
     const current = done.find((s) => s.name === selected) ?? done[0];
     const viewer = current
       ? h(
           "section",
           { class: "card", "aria-labelledby": "viewer-title" },
           h("h2", { id: "viewer-title" }, `Viewer: ${current.name}`),
-          await (await import("./viewer")).createViewer(current.links, `/v1/jobs/${id}/scans/${encodeURIComponent(current.name)}/image`, labels),
+          await (
+            await import("./viewer")
+          ).createViewer(current.links, `/v1/jobs/${id}/scans/${encodeURIComponent(current.name)}/image`, labels),
         )
       : null;
     results.replaceChildren(

@@ -58,9 +58,15 @@ export async function createViewer(
     id: "viewer-canvas",
     tabindex: "0",
     "aria-label": "Scan in axial, coronal and sagittal planes with the label map overlaid; click to move the planes",
-  });
+  }) as HTMLCanvasElement;
   const status = h("p", { class: "muted", role: "status" }, "Loading the scan and its label map…");
-  const opacity = h("input", { type: "range", id: "overlay-opacity", min: "0", max: "100", value: "60" });
+  const opacity = h("input", {
+    type: "range",
+    id: "overlay-opacity",
+    min: "0",
+    max: "100",
+    value: "60",
+  }) as HTMLInputElement;
   const legend = h("ul", { class: "legend", "aria-label": "Structures" });
   const element = h(
     "div",
@@ -88,7 +94,11 @@ export async function createViewer(
     await nv.attachToCanvas(canvas);
     const [imageData, labelData] = await Promise.all([getBuffer(imageUrl), getBuffer(links.segmentation)]);
     const image = await NVImage.loadFromUrl({ url: "scan", name: niftiName(imageData, "scan"), buffer: imageData });
-    const labelMap = await NVImage.loadFromUrl({ url: "labels", name: niftiName(labelData, "labels"), buffer: labelData });
+    const labelMap = await NVImage.loadFromUrl({
+      url: "labels",
+      name: niftiName(labelData, "labels"),
+      buffer: labelData,
+    });
     nv.addVolume(image);
     nv.addVolume(labelMap);
     const recolour = () => {
@@ -117,7 +127,12 @@ export async function createViewer(
           "li",
           {},
           box,
-          h("label", { for: `label-${value}` }, h("span", { class: "swatch", style: `background:${labelColour(value)}` }), name),
+          h(
+            "label",
+            { for: `label-${value}` },
+            h("span", { class: "swatch", style: `background:${labelColour(value)}` }),
+            name,
+          ),
         ),
       );
     }
