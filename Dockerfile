@@ -1,11 +1,12 @@
 # syntax=docker/dockerfile:1
 # Targets:
-#   cpu  (default) - API and CPU workers: python:3.11-slim, CPU torch wheel, onnxruntime.
+#   cpu  (default) - API and CPU workers: python:3.11-slim, CPU torch wheel, onnxruntime, the web app at /ui/.
 #   gpu            - GPU workers: CUDA runtime image, CUDA torch wheel, onnxruntime-gpu.
 # Build: docker build --target cpu -t ttaseg:cpu .   |   docker build --target gpu -t ttaseg:gpu .
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
+ARG NODE_IMAGE=node:20-bookworm-slim
 
 # ---------------------------------------------------------------- project source (shared by both builds)
 FROM scratch AS source
@@ -15,6 +16,14 @@ COPY trainer/ /src/trainer/
 COPY cli/ /src/cli/
 COPY service/ /src/service/
 COPY workers/ /src/workers/
+
+# ---------------------------------------------------------------- web app (static files, built once)
+FROM ${NODE_IMAGE} AS web-build
+WORKDIR /web
+COPY service/web/package.json service/web/package-lock.json ./
+RUN npm ci --no-audit --no-fund
+COPY service/web/ ./
+RUN npm run build
 
 # ---------------------------------------------------------------- CPU dependencies
 FROM ${PYTHON_IMAGE} AS cpu-build
@@ -60,9 +69,10 @@ CMD ["python", "-m", "workers"]
 # ---------------------------------------------------------------- CPU runtime (API and CPU workers); default target
 FROM ${PYTHON_IMAGE} AS cpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/opt/venv/bin:$PATH \
-    TTASEG_DATA_DIR=/data TTASEG_BUNDLES=/app/bundles TTASEG_DEVICE=cpu
+    TTASEG_DATA_DIR=/data TTASEG_BUNDLES=/app/bundles TTASEG_DEVICE=cpu TTASEG_WEB_DIST=/app/web
 RUN useradd --create-home --uid 10001 ttaseg && mkdir -p /data /app && chown ttaseg:ttaseg /data
 COPY --from=cpu-build /opt/venv /opt/venv
+COPY --from=web-build /web/dist /app/web/
 COPY bundles/ /app/bundles/
 WORKDIR /app
 USER 10001

@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect
 
 from models.bundle import BundleError
 from models.io import InputError
-from service.api import dicomweb, docs, jobs, models, operations, results
+from service.api import dicomweb, docs, jobs, models, operations, results, web
 from service.auth import KeyRing, load_keys
 from service.celery_app import make_celery
 from service.config import Settings
@@ -120,5 +120,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(operations.router)
     app.include_router(dicomweb.router, dependencies=[Depends(authenticate)])
     app.include_router(docs.router)
+    app.include_router(web.router)
+    app.mount("/ui", web.web_app(settings.web_dist), name="ui")
     app.mount(docs.ASSETS_URL, StaticFiles(directory=docs.ASSETS_DIR), name="docs-assets")
     return app

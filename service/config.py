@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     dicomweb_username: str | None = Field(None, description="HTTP basic auth user towards the PACS.")
     dicomweb_password: SecretStr = Field(SecretStr(""), description="HTTP basic auth password.")
 
+    web_dist: Path | None = Field(
+        None, description="Folder of the built web app served at /ui; default service/web/dist."
+    )
+
     @field_validator("job_queue")
     @classmethod
     def _queue_name(cls, value: str) -> str:

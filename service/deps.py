@@ -12,7 +12,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from service.auth import Client, KeyRing
 from service.config import Settings
-from service.db import Database, Job
+from service.db import Database, Job, Scan
 from service.errors import ApiError, short
 from service.metrics import Metrics
 from service.storage import Storage
@@ -71,3 +71,12 @@ def load_job(state: AppState, client: Client, job_id: str) -> Job:
         if job is None or job.client_id != client.id:
             raise ApiError(404, f"job {short(job_id)} not found")
         return job
+
+
+def load_scan(state: AppState, client: Client, job_id: str, scan_name: str) -> tuple[Job, Scan]:
+    """The caller's job and its scan ``scan_name`` (404 when either is absent or the job is another client's)."""
+    job = load_job(state, client, job_id)
+    scan = next((s for s in job.scans if s.name == scan_name), None)
+    if scan is None:
+        raise ApiError(404, f"job {job.id} has no scan {short(scan_name)!r}")
+    return job, scan

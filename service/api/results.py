@@ -13,9 +13,9 @@ from fastapi.responses import FileResponse
 from models.io import read_image
 from service.auth import Client
 from service.db import Job, Scan
-from service.deps import AppState, Caller, State, load_job
+from service.deps import AppState, Caller, State, load_scan
 from service.dicom_seg import write_dicom_seg
-from service.errors import ApiError, short
+from service.errors import ApiError
 from service.overlay import render_overlay
 from service.schemas import ERRORS, SegmentationFormat, VolumesOut
 from service.states import ScanState
@@ -31,10 +31,7 @@ SEGMENTATION_FILES = {
 
 def finished_scan(state: AppState, client: Client, job_id: str, scan_name: str) -> tuple[Job, Scan]:
     """The caller's job and its scan ``scan_name`` (404 when absent, 409 while it has no results)."""
-    job = load_job(state, client, job_id)
-    scan = next((s for s in job.scans if s.name == scan_name), None)
-    if scan is None:
-        raise ApiError(404, f"job {job.id} has no scan {short(scan_name)!r}")
+    job, scan = load_scan(state, client, job_id, scan_name)
     if scan.state != ScanState.SUCCEEDED or not scan.label_key:
         raise ApiError(409, f"scan {scan.name!r} has no results (job is {job.state})")
     return job, scan
