@@ -12,9 +12,7 @@ import logging
 import shutil
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import asynccontextmanager
-from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
@@ -29,8 +27,9 @@ from service import jobs as job_ops
 from service.auth import Client, KeyRing, load_keys
 from service.celery_app import make_celery
 from service.config import Settings, get_settings
-from service.db import Database, Job, Scan, Worker, migrate, utcnow
+from service.db import Database, Job, Scan, migrate
 from service.deps import AppState, Caller, State, authenticate
+from service.health import readiness
 from service.metrics import Metrics
 from service.schemas import (
     Error,
@@ -623,35 +622,9 @@ def register_routes(app: FastAPI) -> None:
     )
     def readyz(state: State) -> JSONResponse:
         settings = state.settings
-
-        def worker() -> None:
-            fresh = utcnow() - timedelta(seconds=2 * settings.heartbeat_interval + 5)
-            with state.db.session() as session:
-                rows = session.scalars(select(Worker.queues).where(Worker.last_seen >= fresh)).all()
-            if not any(settings.job_queue in q.split(",") for q in rows):
-                raise RuntimeError(f"no live worker consumes queue {settings.job_queue!r}")
-
-        def broker() -> None:
-            with state.celery.connection_for_write() as conn:
-                conn.ensure_connection(max_retries=1, timeout=3)
-
-        checks = {
-            "database": state.db.ping,
-            "storage": state.storage.probe,
-            "broker": broker,
-            "worker": worker,
-        }
-        futures = {name: state.checks.submit(fn) for name, fn in checks.items()}
-        results: dict[str, str] = {}
-        for name, future in futures.items():
-            try:
-                future.result(timeout=5)
-                results[name] = "ok"
-            except FutureTimeout:
-                results[name] = "timed out"
-            except Exception as exc:
-                results[name] = f"failed: {exc}"[:300]
-        ok = all(v == "ok" for v in results.values())
+        ok, results = readiness(
+            settings, db=state.db, storage=state.storage, celery=state.celery, pool=state.checks
+        )
         return JSONResponse(
             Readiness(ok=ok, checks=results).model_dump(),
             status_code=200 if ok else 503,
