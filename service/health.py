@@ -51,7 +51,7 @@ def check_queues(db: Database, settings: Settings) -> None:
             select(Job.queue, func.count()).where(Job.state == JobState.QUEUED).group_by(Job.queue)
         ).all()
     stranded = sorted(
-        f"{count} jobs waiting on queue {queue} with no live worker"
+        f"{count} job{'s' if count != 1 else ''} waiting on queue {queue} with no live worker"
         for queue, count in waiting
         if queue not in served
     )
