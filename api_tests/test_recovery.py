@@ -83,12 +83,13 @@ def private_redis() -> Iterator[RedisProcess]:
         server.kill()
 
 
+@pytest.mark.slow
 def test_killed_workers_job_runs_again_within_a_minute(make_stack, scan_dir):
     stack = _with_defaults(make_stack())
     stack.start_api()
     worker = stack.start_worker()
     scan = sorted(scan_dir.glob("*.nii.gz"))[0]
-    job_id = stack.submit([scan], model="phantom", adaptation="mpl", steps=40).json()["id"]
+    job_id = stack.submit([scan], model="phantom", adaptation="mpl", steps=20).json()["id"]
     _wait(stack, job_id, lambda j: j["state"] == "running" and j["phase"] == "adapting", 120)
     stack.kill_worker(worker, signal.SIGKILL)
     killed = time.monotonic()
@@ -106,7 +107,7 @@ def test_queued_job_runs_after_redis_restart(private_redis, make_stack, scan_dir
     stack.start_api()
     stack.start_worker()
     scans = sorted(scan_dir.glob("*.nii.gz"))
-    busy = stack.submit(scans[:1], model="phantom", adaptation="mpl", steps=30).json()["id"]
+    busy = stack.submit(scans[:1], model="phantom", adaptation="mpl", steps=15).json()["id"]
     _wait(stack, busy, lambda j: j["state"] == "running", 120)
     waiting = stack.submit(scans[1:2], model="phantom", adaptation="none").json()["id"]
     assert _job(stack, waiting)["state"] == "queued"
