@@ -69,6 +69,7 @@ def test_job_accepted_while_no_worker_runs_later(make_stack, scan_dir):
     with stack.client() as http:
         ready = http.get("/readyz")
         assert ready.status_code == 503 and "worker" in ready.json()["checks"]["worker"]
+        assert ready.json()["checks"]["queue"] == "failed: 1 job waiting on queue cpu with no live worker"
         assert ready.headers["retry-after"]
     stack.start_worker(wait=False)
     assert stack.wait_job(job_id, timeout=120)["state"] == "succeeded"

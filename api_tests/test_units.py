@@ -1,9 +1,9 @@
 """In-process checks of the service's building blocks: upload grouping and zip safety, keys, storage,
-migrations, worker claiming, bounded retries and recovery of lost jobs."""
+migrations, worker claiming, bounded retries, recovery of lost jobs, and the project's import structure."""
 
 from __future__ import annotations
 
-import os
+import ast
 import zipfile
 from datetime import timedelta
 from pathlib import Path
@@ -14,8 +14,9 @@ from scan_files import zip_of
 from service.auth import KeyRing, hash_token, load_keys
 from service.celery_app import make_celery
 from service.config import Settings
-from service.db import Base, Database, Job, migrate, utcnow
+from service.db import Base, Database, Job, Worker, migrate, utcnow
 from service.jobs import recover
+from service.states import JobState
 from service.storage import LocalStorage
 from service.uploads import ApiError, UploadedFile, assemble_scans, safe_name, sniff
 from workers import context as worker_context
@@ -116,9 +117,8 @@ def ctx(tmp_path, monkeypatch):
     db = Database(settings.resolved_database_url)
     migrate(db.engine)
     context = worker_context.Context(
-        settings, db, LocalStorage(settings.resolved_storage_dir), make_celery(settings)
+        settings, db, LocalStorage(settings.resolved_storage_dir), make_celery(settings), "host:1:test"
     )
-    monkeypatch.setitem(worker_context._contexts, os.getpid(), context)
     monkeypatch.setattr(runner, "get_context", lambda: context)
     return context
 
@@ -192,11 +192,79 @@ def test_recovery_requeues_lost_jobs(ctx):
     alive = _job(ctx, id="b" * 32, state="running", heartbeat_at=utcnow(), run_token="y")
     unsent = _job(ctx, id="c" * 32, state="queued", created_at=stale)
     done = _job(ctx, id="d" * 32, state="succeeded", created_at=stale)
-    resent = recover(ctx.db, ctx.celery, ctx.settings.stale_after, ctx.settings.requeue_queued_after)
+    resent = recover(ctx.db, ctx.celery, ctx.settings)
     assert sorted(resent) == sorted([lost, unsent])
     assert _get(ctx, lost).state == "queued" and _get(ctx, alive).state == "running"
     assert _get(ctx, done).state == "succeeded" and _messages(ctx) == 2
-    assert recover(ctx.db, ctx.celery, ctx.settings.stale_after, ctx.settings.requeue_queued_after) == []
+    assert recover(ctx.db, ctx.celery, ctx.settings) == []
+
+
+def test_job_of_a_dead_worker_is_requeued_before_stale_after(ctx):
+    settings = ctx.settings.model_copy(update={"stale_after": 3600.0, "heartbeat_interval": 1.0})
+    quiet = utcnow() - timedelta(seconds=30)
+    with ctx.db.session() as session:
+        session.add(Worker(hostname="live", queues="cpu", device="cpu", pid=1, last_seen=utcnow()))
+        session.add(Worker(hostname="dead", queues="cpu", device="cpu", pid=2, last_seen=quiet))
+        session.commit()
+    orphan = _job(ctx, id="a" * 32, state="running", heartbeat_at=quiet, run_token="x", worker="dead")
+    busy = _job(ctx, id="b" * 32, state="running", heartbeat_at=quiet, run_token="y", worker="live")
+    assert recover(ctx.db, ctx.celery, settings) == [orphan]
+    assert _get(ctx, orphan).state == JobState.QUEUED and _get(ctx, busy).state == JobState.RUNNING
+
+
+PACKAGES = ("models", "trainer", "cli", "service", "workers")
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Project module -> project modules it imports (at any level of the file), from the source's AST."""
+    root = Path(__file__).resolve().parents[1]
+    files = {
+        ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): path
+        for package in PACKAGES
+        for path in (root / package).rglob("*.py")
+    }
+    graph: dict[str, set[str]] = {}
+    for module, path in files.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        imported: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    base = f"{parent}.{base}" if base else parent
+                imported.add(base)
+                imported.update(f"{base}.{alias.name}" for alias in node.names)
+        graph[module] = {m for m in imported if m in files and m != module}
+    return graph
+
+
+def test_no_import_cycles_and_service_does_not_import_workers():
+    graph = _import_graph()
+    assert {"service.jobs", "workers.runner", "models.pipeline"} <= graph.keys()
+    upward = sorted(
+        f"{m} -> {d}"
+        for m, deps in graph.items()
+        if m.startswith("service")
+        for d in deps
+        if d.startswith("workers")
+    )
+    assert not upward, upward
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            raise AssertionError("import cycle: " + " -> ".join([*path[path.index(module) :], module]))
+        if module in done:
+            return
+        for dep in sorted(graph[module]):
+            visit(dep, [*path, module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
 
 
 def test_input_and_bundle_errors_map_to_422(tmp_path):

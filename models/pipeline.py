@@ -27,6 +27,7 @@ from models.inference import onnx_predictor, onnx_session, predict_volume
 from models.io import case_name, read_image, write_image
 from models.postprocessing import LargestComponent, foreground_connectedness, keep_largest_component
 from models.preprocessing import PreparedScan, label_image, prepare, probabilities_to_original
+from models.terms import Method, Phase
 
 ProgressCallback = Callable[[str, float], None]
 
@@ -98,7 +99,8 @@ def segment_batch(
     inputs: Sequence[str | Path],
     bundle: Bundle,
     out_dir: str | Path,
-    method: str = "mpl",
+    *,
+    method: Method | str = Method.MPL,
     steps: int | None = None,
     device: str = "cpu",
     progress: ProgressCallback | None = None,
@@ -111,10 +113,15 @@ def segment_batch(
 ) -> list[ScanResult]:
     """Adapt ``bundle`` to all ``inputs`` together, then segment each onto its own grid in ``out_dir``.
 
+    ``progress`` hears ``(Phase.ADAPTING, percent)`` while adapting (never with ``none``), then
+    ``(Phase.SEGMENTING, 0)`` before the first scan and the share of scans done after each one; a scan's
+    ``seconds`` is the time spent segmenting it.
+
     ``largest_component``: connected-component clean-up of the label maps (default: the model card's); unless
     ``adapt_config`` says otherwise, ``mpl`` cleans its pseudo-labels up the same way.
     """
     progress = progress or (lambda phase, pct: None)
+    method = Method(method)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device)
@@ -124,11 +131,11 @@ def segment_batch(
     patch = card.patch_size
     source = onnx_predictor(onnx_session(bundle.onnx_path, device))
 
-    progress("adapting", 0.0)
     adapted: AdaptResult | None = None
     predictor = source
     with tempfile.TemporaryDirectory() as tmp:
-        if method != "none":
+        if method.adapts:
+            progress(Phase.ADAPTING, 0.0)
             net = bundle.load_network(device)
             adapted = adapt(
                 net,
@@ -137,35 +144,36 @@ def segment_batch(
                 method,
                 steps,
                 adapt_config,
-                lambda p: progress("adapting", p),
+                lambda p: progress(Phase.ADAPTING, p),
             )
             predictor = onnx_predictor(
                 onnx_session(export_onnx(adapted.net, patch, Path(tmp) / "a.onnx"), device)
             )
             if save_adapted:
                 save_adapted_bundle(bundle, adapted, [s.case for s in scans], save_adapted)
-        progress("adapting", 100.0)
+            progress(Phase.ADAPTING, 100.0)
 
+        progress(Phase.SEGMENTING, 0.0)
         results = []
         for i, scan in enumerate(scans):
             start = time.perf_counter()
             results.append(
                 _segment_one(
                     scan,
-                    card.labels,
-                    patch,
-                    source,
-                    predictor if adapted else None,
-                    out_dir,
-                    guard_config,
-                    card.label_volumes_ml,
-                    uncertainty,
-                    largest_component,
+                    names=card.labels,
+                    patch=patch,
+                    source=source,
+                    adapted_predictor=predictor if adapted else None,
+                    out_dir=out_dir,
+                    guard_config=guard_config,
+                    source_ranges=card.label_volumes_ml,
+                    uncertainty=uncertainty,
+                    largest_component=largest_component,
                 )
             )
             results[-1].seconds = round(time.perf_counter() - start, 3)
             _write_json(results[-1], bundle, method, adapted)
-            progress("segmenting", 100.0 * (i + 1) / len(scans))
+            progress(Phase.SEGMENTING, 100.0 * (i + 1) / len(scans))
     return results
 
 
@@ -177,6 +185,7 @@ def _to_labels(probs: np.ndarray, largest_component: LargestComponent) -> tuple[
 
 def _segment_one(
     scan: PreparedScan,
+    *,
     names: dict[int, str],
     patch,
     source,

@@ -28,6 +28,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
+from service.states import JobSource, ScanState
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
@@ -65,7 +67,7 @@ class Job(Base):
     state: Mapped[str] = mapped_column(String(16), index=True)
     phase: Mapped[str | None] = mapped_column(String(16))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
-    source: Mapped[str] = mapped_column(String(16), default="upload")
+    source: Mapped[str] = mapped_column(String(16), default=JobSource.UPLOAD)
     study_uid: Mapped[str | None] = mapped_column(String(64))
     model_ref: Mapped[str] = mapped_column(String(200))
     bundle_name: Mapped[str] = mapped_column(String(200))
@@ -111,11 +113,16 @@ class Scan(Base):
     kind: Mapped[str] = mapped_column(String(16))
     input_key: Mapped[str] = mapped_column(String(500))
     input_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
-    sha256: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(
+        String(64),
+        doc="Content digest of the scan's input: ``models.checksums.sha256_file`` of an image file, or for a "
+        "DICOM series ``models.checksums.series_sha256`` of its files' digests (independent of file order and "
+        "names, the same whether uploaded, pushed or pulled from a PACS).",
+    )
     files: Mapped[int] = mapped_column(Integer, default=1)
     size: Mapped[list[int] | None] = mapped_column(JSON)
     spacing: Mapped[list[float] | None] = mapped_column(JSON)
-    state: Mapped[str] = mapped_column(String(16), default="pending")
+    state: Mapped[str] = mapped_column(String(16), default=ScanState.PENDING)
     label_key: Mapped[str | None] = mapped_column(String(500))
     result_json_key: Mapped[str | None] = mapped_column(String(500))
     volumes_ml: Mapped[dict[str, float] | None] = mapped_column(JSON)

@@ -7,21 +7,29 @@ job atomically, so duplicate messages are harmless.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
+from collections.abc import Iterable
 from datetime import timedelta
+from typing import Any
 
 from celery import Celery
 from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
 
 from service.celery_app import RUN_JOB_TASK
-from service.db import Database, Job, Scan, utcnow
+from service.config import Settings
+from service.db import Database, DomainBundle, Job, Scan, utcnow
+from service.health import live_workers, worker_timeout
+from service.states import ACTIVE_STATES, JobSource, JobState, ScanState
 from service.storage import Storage
 from service.uploads import StagedScan
 
 log = logging.getLogger(__name__)
 
-ACTIVE_STATES = ("queued", "running")
+SEND_GRACE = 10.0
+"""Seconds a job's message may take to reach the broker's lists before recovery counts it as lost."""
 
 
 def new_job_id() -> str:
@@ -49,14 +57,14 @@ def create_job(
     domain: str | None,
     queue: str,
     scans: list[StagedScan],
-    source: str = "upload",
+    source: JobSource = JobSource.UPLOAD,
     study_uid: str | None = None,
 ) -> Job:
     """Move staged scans into storage and commit a queued job record."""
     job = Job(
         id=job_id,
         client_id=client_id,
-        state="queued",
+        state=JobState.QUEUED,
         progress=0.0,
         source=source,
         study_uid=study_uid,
@@ -84,7 +92,7 @@ def create_job(
                 files=staged.files,
                 size=staged.shape,
                 spacing=staged.spacing,
-                state="pending",
+                state=ScanState.PENDING,
                 fallback=False,
             )
         )
@@ -94,7 +102,7 @@ def create_job(
     return job
 
 
-def enqueue(db: Database, celery: Celery, job_id: str, queue: str, countdown: float | None = None) -> bool:
+def enqueue(db: Database, celery: Celery, job_id: str, queue: str, *, countdown: float | None = None) -> bool:
     """Send the job's task and record the send; False (the job stays queued for recovery) on failure."""
     task_id = uuid.uuid4().hex
     try:
@@ -117,13 +125,41 @@ def enqueue(db: Database, celery: Celery, job_id: str, queue: str, countdown: fl
     return True
 
 
+def update_running(db: Database, job_id: str, token: str, **values: Any) -> bool:
+    """Set ``values`` on the job if it is still running under ``token``; False when it was cancelled or
+    taken over by another run."""
+    with db.session() as session:
+        changed = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.run_token == token, Job.state == JobState.RUNNING)
+            .values(**values)
+        ).rowcount
+        session.commit()
+    return bool(changed)
+
+
+def domain_bundle(session: Session, job: Job) -> DomainBundle | None:
+    """The cached adapted bundle of the job's client, bundle, adaptation method and domain."""
+    return session.scalar(
+        select(DomainBundle).where(
+            DomainBundle.client_id == job.client_id,
+            DomainBundle.bundle_name == job.bundle_name,
+            DomainBundle.bundle_version == job.bundle_version,
+            DomainBundle.adaptation == job.adaptation,
+            DomainBundle.domain == job.domain,
+        )
+    )
+
+
 def cancel(db: Database, celery: Celery, job: Job) -> bool:
     """Mark a queued or running job cancelled (the worker stops at its next progress report)."""
     with db.session() as session:
         result = session.execute(
             update(Job)
             .where(Job.id == job.id, Job.state.in_(ACTIVE_STATES))
-            .values(state="cancelled", phase=None, finished_at=utcnow(), error="cancelled by the client")
+            .values(
+                state=JobState.CANCELLED, phase=None, finished_at=utcnow(), error="cancelled by the client"
+            )
         )
         session.commit()
     if result.rowcount and job.task_id:
@@ -137,53 +173,100 @@ def cancel(db: Database, celery: Celery, job: Job) -> bool:
 def queued_count(db: Database) -> int:
     """Jobs waiting for a worker."""
     with db.session() as session:
-        return session.scalar(select(func.count()).select_from(Job).where(Job.state == "queued")) or 0
+        return session.scalar(select(func.count()).select_from(Job).where(Job.state == JobState.QUEUED)) or 0
 
 
-def recover(db: Database, celery: Celery, stale_after: float, requeue_after: float) -> list[str]:
-    """Re-send jobs whose worker is gone (stale heartbeat) and queued jobs whose message may be lost."""
+def broker_task_ids(celery: Celery, queues: Iterable[str]) -> set[str] | None:
+    """Task ids of the messages the broker holds for ``queues``, waiting or delivered but not acknowledged.
+
+    None when the broker cannot be listed (only Redis can; the filesystem broker keeps its messages on disk).
+    """
+    with celery.connection_for_read() as conn:
+        if conn.transport.driver_type != "redis":
+            return None
+        channel = conn.default_channel
+        client = channel.client
+        prefix = getattr(client, "global_keyprefix", "")
+        keys = {prefix + channel._q_for_pri(q, pri) for q in queues for pri in channel.priority_steps}
+        waiting = [json.loads(raw) for key in sorted(keys) for raw in client.lrange(key, 0, -1)]
+        delivered = [json.loads(raw)[0] for raw in client.hvals(prefix + channel.unacked_key)]
+    return {message["headers"].get("id") for message in waiting + delivered} - {None}
+
+
+def requeue_orphans(db: Database, celery: Celery, settings: Settings) -> list[str]:
+    """Send running jobs whose run stopped back to the queue; returns their ids.
+
+    A run has stopped when its job's heartbeat is older than ``stale_after``, or older than
+    :func:`~service.health.worker_timeout` while its worker is not live either (killed, or gone with its
+    machine).
+    """
     now = utcnow()
-    stale = now - timedelta(seconds=stale_after)
-    resent: list[str] = []
+    stale = now - timedelta(seconds=settings.stale_after)
+    silent = now - timedelta(seconds=worker_timeout(settings))
+    not_beating = or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < silent)
     with db.session() as session:
-        running = session.execute(
-            select(Job.id, Job.queue).where(
-                Job.state == "running", or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale)
+        live = live_workers(session, settings)
+        candidates = session.execute(
+            select(Job.id, Job.queue, Job.worker, Job.heartbeat_at).where(
+                Job.state == JobState.RUNNING, not_beating
             )
         ).all()
-        queued = session.execute(
-            select(Job.id, Job.queue).where(
-                Job.state == "queued",
-                or_(
-                    Job.enqueued_at.is_(None) & (Job.created_at < now - timedelta(seconds=10)),
-                    Job.enqueued_at < now - timedelta(seconds=requeue_after),
-                ),
-            )
-        ).all()
-    for job_id, queue in running:
+    orphans = [
+        (job_id, queue)
+        for job_id, queue, worker, beat in candidates
+        if worker not in live or beat is None or beat < stale
+    ]
+    resent: list[str] = []
+    for job_id, queue in orphans:
         with db.session() as session:
             moved = session.execute(
                 update(Job)
-                .where(
-                    Job.id == job_id,
-                    Job.state == "running",
-                    or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale),
-                )
-                .values(state="queued", phase=None, progress=0.0, run_token=None, worker=None)
+                .where(Job.id == job_id, Job.state == JobState.RUNNING, not_beating)
+                .values(state=JobState.QUEUED, phase=None, progress=0.0, run_token=None, worker=None)
             ).rowcount
             session.commit()
         if moved:
             log.warning("job %s lost its worker; re-queued", job_id)
             if enqueue(db, celery, job_id, queue):
                 resent.append(job_id)
-    for job_id, queue in queued:
+    return resent
+
+
+def resend_lost(db: Database, celery: Celery, settings: Settings) -> list[str]:
+    """Re-send queued jobs whose message never reached the broker or is no longer there; returns their ids.
+
+    A message is lost when sending it failed, when the broker no longer holds it (a Redis restarted without
+    persistence), or, where the broker cannot be listed, when it was sent ``requeue_queued_after`` ago.
+    Duplicates are harmless: a worker claims a job atomically.
+    """
+    now = utcnow()
+    sent_before = now - timedelta(seconds=SEND_GRACE)
+    expired = now - timedelta(seconds=settings.requeue_queued_after)
+    with db.session() as session:
+        queued = session.execute(
+            select(Job.id, Job.queue, Job.task_id, Job.enqueued_at).where(
+                Job.state == JobState.QUEUED,
+                or_(
+                    Job.enqueued_at.is_(None) & (Job.created_at < sent_before),
+                    Job.enqueued_at < sent_before,
+                ),
+            )
+        ).all()
+    if not queued:
+        return []
+    present = broker_task_ids(celery, {queue for _, queue, _, _ in queued})
+    lost = [
+        (job_id, queue)
+        for job_id, queue, task_id, enqueued_at in queued
+        if enqueued_at is None or (task_id not in present if present is not None else enqueued_at < expired)
+    ]
+    resent: list[str] = []
+    for job_id, queue in lost:
         with db.session() as session:
             claimed = session.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.state == "queued")
-                .where(
-                    or_(Job.enqueued_at.is_(None), Job.enqueued_at < now - timedelta(seconds=requeue_after))
-                )
+                .where(Job.id == job_id, Job.state == JobState.QUEUED)
+                .where(or_(Job.enqueued_at.is_(None), Job.enqueued_at < sent_before))
                 .values(enqueued_at=now)
             ).rowcount
             session.commit()
@@ -191,3 +274,8 @@ def recover(db: Database, celery: Celery, stale_after: float, requeue_after: flo
             log.info("re-sent queued job %s", job_id)
             resent.append(job_id)
     return resent
+
+
+def recover(db: Database, celery: Celery, settings: Settings) -> list[str]:
+    """Re-queue the jobs of stopped runs and re-send lost messages; returns the ids of the jobs re-sent."""
+    return requeue_orphans(db, celery, settings) + resend_lost(db, celery, settings)

@@ -16,15 +16,6 @@ from typing import BinaryIO
 CHUNK = 1024 * 1024
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class Storage(ABC):
     """Minimal object store used by the API and the workers."""
 

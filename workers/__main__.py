@@ -8,20 +8,23 @@ import socket
 
 from service.config import get_settings
 from service.db import Database, migrate
+from workers import context, housekeeping
+from workers.tasks import make_worker_app
 
 
 def main() -> None:
     """Migrate the database if needed, then run a Celery worker with one job at a time."""
     settings = get_settings()
+    settings = settings.model_copy(update={"device": settings.resolved_device})
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     migrate(Database(settings.resolved_database_url).engine)
-    os.environ.setdefault("TTASEG_DEVICE", settings.resolved_device)
     import models.pipeline  # noqa: F401  (imported once, before the first job)
-    import workers.housekeeping  # noqa: F401  (connects the worker signals)
-    from workers.tasks import celery_app
 
+    celery = make_worker_app(settings)
+    context.configure(settings, celery)
+    housekeeping.install()
     queues = ",".join(settings.resolved_worker_queues)
-    celery_app.worker_main(
+    celery.worker_main(
         [
             "worker",
             f"--queues={queues}",

@@ -1,37 +1,34 @@
-"""Worker process housekeeping: worker heartbeat rows (readiness) and the loop that re-sends lost jobs."""
+"""Worker housekeeping: the worker's heartbeat row (readiness) and the recovery of lost jobs.
+
+Every beat (``heartbeat_interval``) refreshes the row and re-queues the jobs of dead workers; every
+``recovery_interval`` queued jobs whose broker message was lost are re-sent.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 
 from celery.signals import worker_ready, worker_shutdown
 from sqlalchemy import delete
 
 from service.db import Worker, utcnow
-from service.jobs import recover
-from workers.context import get_context
+from service.jobs import requeue_orphans, resend_lost
+from workers.context import Context, get_context
 
 log = logging.getLogger(__name__)
 
 _stop = threading.Event()
 
 
-def worker_id() -> str:
-    """Identity of this worker process in the workers table."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def beat() -> None:
+def beat(ctx: Context) -> None:
     """Insert or refresh this worker's row."""
-    ctx = get_context()
     with ctx.db.session() as session:
-        row = session.get(Worker, worker_id())
+        row = session.get(Worker, ctx.name)
         if row is None:
             row = Worker(
-                hostname=worker_id(),
+                hostname=ctx.name,
                 queues=",".join(ctx.settings.resolved_worker_queues),
                 device=ctx.settings.resolved_device,
                 pid=os.getpid(),
@@ -42,36 +39,41 @@ def beat() -> None:
         session.commit()
 
 
-def _loop() -> None:
-    ctx = get_context()
-    next_recovery = 0.0
-    elapsed = 0.0
+def _loop(ctx: Context) -> None:
+    settings = ctx.settings
+    step = min(settings.heartbeat_interval, settings.recovery_interval)
+    elapsed, next_resend = 0.0, 0.0
     while True:
         try:
-            beat()
-            if elapsed >= next_recovery:
-                recover(ctx.db, ctx.celery, ctx.settings.stale_after, ctx.settings.requeue_queued_after)
-                next_recovery = elapsed + ctx.settings.recovery_interval
+            beat(ctx)
+            requeue_orphans(ctx.db, ctx.celery, settings)
+            if elapsed >= next_resend:
+                next_resend = elapsed + settings.recovery_interval
+                resend_lost(ctx.db, ctx.celery, settings)
         except Exception as exc:  # keep beating through database or broker hiccups
             log.warning("worker housekeeping failed: %s", exc)
-        step = min(ctx.settings.heartbeat_interval, ctx.settings.recovery_interval)
         if _stop.wait(step):
             return
         elapsed += step
 
 
-@worker_ready.connect
 def _on_ready(**_: object) -> None:
-    threading.Thread(target=_loop, daemon=True, name="ttaseg-housekeeping").start()
+    _stop.clear()
+    threading.Thread(target=_loop, args=(get_context(),), daemon=True, name="ttaseg-housekeeping").start()
 
 
-@worker_shutdown.connect
 def _on_shutdown(**_: object) -> None:
     _stop.set()
     try:
         ctx = get_context()
         with ctx.db.session() as session:
-            session.execute(delete(Worker).where(Worker.hostname == worker_id()))
+            session.execute(delete(Worker).where(Worker.hostname == ctx.name))
             session.commit()
     except Exception as exc:
         log.warning("could not remove worker row: %s", exc)
+
+
+def install() -> None:
+    """Start the housekeeping when the worker is ready; remove the worker's row when it shuts down."""
+    worker_ready.connect(_on_ready, weak=False)
+    worker_shutdown.connect(_on_shutdown, weak=False)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import shutil
-import socket
 import threading
 import time
 import uuid
@@ -17,9 +14,14 @@ from typing import Any
 
 from sqlalchemy import delete, or_, select, update
 
+from models.bundle import BundleError, load_bundle, resolve_bundle
+from models.checksums import series_sha256, sha256_file
+from models.io import InputError, check_image
+from models.terms import Method, Phase
+from service import dicomweb
 from service.db import DomainBundle, Job, Scan, utcnow
-from service.jobs import enqueue
-from service.storage import sha256_file
+from service.jobs import domain_bundle, enqueue, update_running
+from service.states import JobSource, JobState, ScanState
 from workers.context import Context, get_context
 
 log = logging.getLogger(__name__)
@@ -35,21 +37,12 @@ class PermanentError(Exception):
 
 @lru_cache(maxsize=8)
 def _base_bundle(ref: str, root: str | None) -> Any:
-    from models.bundle import resolve_bundle
-
     return resolve_bundle(ref, root=root)
 
 
 @lru_cache(maxsize=32)
 def _adapted_bundle(path: str) -> Any:
-    from models.bundle import load_bundle
-
     return load_bundle(path)
-
-
-def worker_name() -> str:
-    """Host and process of this worker, as recorded on the jobs it runs."""
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def claim(ctx: Context, job_id: str, token: str) -> bool:
@@ -62,16 +55,17 @@ def claim(ctx: Context, job_id: str, token: str) -> bool:
             .where(
                 Job.id == job_id,
                 or_(
-                    Job.state == "queued",
-                    (Job.state == "running") & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_at),
+                    Job.state == JobState.QUEUED,
+                    (Job.state == JobState.RUNNING)
+                    & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_at),
                 ),
             )
             .values(
-                state="running",
+                state=JobState.RUNNING,
                 phase=None,
                 progress=0.0,
                 run_token=token,
-                worker=worker_name(),
+                worker=ctx.name,
                 heartbeat_at=now,
                 started_at=now,
                 attempts=Job.attempts + 1,
@@ -94,61 +88,52 @@ class _Heartbeat(threading.Thread):
     def run(self) -> None:
         while not self.stop.wait(self.ctx.settings.heartbeat_interval):
             try:
-                with self.ctx.db.session() as session:
-                    alive = session.execute(
-                        update(Job)
-                        .where(Job.id == self.job_id, Job.run_token == self.token, Job.state == "running")
-                        .values(heartbeat_at=utcnow())
-                    ).rowcount
-                    session.commit()
-                if not alive:
-                    self.lost.set()
-                    return
+                alive = update_running(self.ctx.db, self.job_id, self.token, heartbeat_at=utcnow())
             except Exception as exc:  # database hiccup: try again next beat
                 log.warning("heartbeat of job %s failed: %s", self.job_id, exc)
+                continue
+            if not alive:
+                self.lost.set()
+                return
 
 
 class _Progress:
-    """The progress callback handed to the ML core: records phase/percent and raises when cancelled."""
+    """The progress callback handed to the ML core: records phase/percent and raises when cancelled.
+
+    ``started`` holds the monotonic time at which each phase was first reported.
+    """
 
     def __init__(self, ctx: Context, job_id: str, token: str, heartbeat: _Heartbeat) -> None:
         self.ctx, self.job_id, self.token, self.heartbeat = ctx, job_id, token, heartbeat
-        self.started = time.monotonic()
-        self.segment_started: float | None = None
+        self.started: dict[Phase, float] = {}
         self._last_write = 0.0
-        self._phase: str | None = None
-
-    def write(self, phase: str, percent: float) -> None:
-        with self.ctx.db.session() as session:
-            alive = session.execute(
-                update(Job)
-                .where(Job.id == self.job_id, Job.run_token == self.token, Job.state == "running")
-                .values(phase=phase, progress=round(percent, 1), heartbeat_at=utcnow())
-            ).rowcount
-            session.commit()
-        if not alive:
-            raise JobCancelled(self.job_id)
+        self._phase: Phase | None = None
 
     def __call__(self, phase: str, percent: float) -> None:
         if self.heartbeat.lost.is_set():
             raise JobCancelled(self.job_id)
+        phase = Phase(phase)
         percent = max(0.0, min(100.0, float(percent)))
-        if phase == "segmenting" and self.segment_started is None:
-            self.segment_started = time.monotonic()
         now = time.monotonic()
+        self.started.setdefault(phase, now)
         if phase != self._phase or percent >= 100.0 or now - self._last_write >= 0.5:
             self._phase, self._last_write = phase, now
-            self.write(phase, percent)
+            written = update_running(
+                self.ctx.db,
+                self.job_id,
+                self.token,
+                phase=phase,
+                progress=round(percent, 1),
+                heartbeat_at=utcnow(),
+            )
+            if not written:
+                raise JobCancelled(self.job_id)
 
 
 def _fail(ctx: Context, job_id: str, token: str, reason: str) -> None:
-    with ctx.db.session() as session:
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.run_token == token, Job.state == "running")
-            .values(state="failed", phase=None, error=reason[:2000], finished_at=utcnow())
-        )
-        session.commit()
+    update_running(
+        ctx.db, job_id, token, state=JobState.FAILED, phase=None, error=reason[:2000], finished_at=utcnow()
+    )
 
 
 def _retry_or_fail(ctx: Context, job: Job, token: str, exc: BaseException) -> None:
@@ -156,25 +141,22 @@ def _retry_or_fail(ctx: Context, job: Job, token: str, exc: BaseException) -> No
     if job.attempts >= ctx.settings.max_attempts:
         _fail(ctx, job.id, token, f"internal error after {job.attempts} attempts: {reason}")
         return
-    with ctx.db.session() as session:
-        moved = session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.run_token == token, Job.state == "running")
-            .values(
-                state="queued", phase=None, progress=0.0, run_token=None, error=f"retrying after: {reason}"
-            )
-        ).rowcount
-        session.commit()
+    moved = update_running(
+        ctx.db,
+        job.id,
+        token,
+        state=JobState.QUEUED,
+        phase=None,
+        progress=0.0,
+        run_token=None,
+        error=f"retrying after: {reason}",
+    )
     if moved:
         enqueue(ctx.db, ctx.celery, job.id, job.queue, countdown=min(60.0, 5.0 * job.attempts))
 
 
 def _study_series(ctx: Context, job: Job, dest: Path) -> list[Path]:
     """Series folders of the job's study: pushed earlier by its client (STOW-RS), else pulled from the PACS."""
-    try:
-        from service import dicomweb
-    except ImportError:
-        raise PermanentError("DICOMweb retrieval is not available on this worker") from None
     received = dicomweb.incoming_study_series(ctx.settings.resolved_storage_dir, job.client_id, job.study_uid)
     if received:
         return received
@@ -187,20 +169,15 @@ def _study_series(ctx: Context, job: Job, dest: Path) -> list[Path]:
 
 
 def _fetch_study(ctx: Context, job: Job, dest: Path, progress: _Progress) -> None:
-    """Record the job's study series as scans (replacing any earlier attempt's)."""
-    from models.io import InputError, read_image
-
-    progress("fetching", 0.0)
+    """Record the job's study series as scans (replacing any earlier attempt's), checked as uploads are."""
+    progress(Phase.FETCHING, 0.0)
     paths = _study_series(ctx, job, dest)
     scans: list[Scan] = []
     for position, path in enumerate(paths):
         try:
-            image = read_image(path)
+            header = check_image(path, max_voxels=ctx.settings.max_voxels_per_scan)
         except InputError as exc:
             raise PermanentError(f"series {path.name}: {exc}") from None
-        if image.GetNumberOfPixels() > ctx.settings.max_voxels_per_scan:
-            limit = ctx.settings.max_voxels_per_scan
-            raise PermanentError(f"series {path.name} has more than {limit} voxels")
         name = f"series{position + 1}"
         key = f"jobs/{job.id}/inputs/{name}"
         ctx.storage.put_path(key, path)
@@ -213,11 +190,11 @@ def _fetch_study(ctx: Context, job: Job, dest: Path, progress: _Progress) -> Non
                 kind="dicom",
                 input_key=key,
                 input_bytes=sum(f.stat().st_size for f in files),
-                sha256=hashlib.sha256("\n".join(sha256_file(f) for f in files).encode()).hexdigest(),
+                sha256=series_sha256(sha256_file(f) for f in files),
                 files=len(files),
-                size=list(image.GetSize()),
-                spacing=[float(s) for s in image.GetSpacing()],
-                state="pending",
+                size=list(header.size),
+                spacing=[float(s) for s in header.spacing],
+                state=ScanState.PENDING,
                 fallback=False,
             )
         )
@@ -225,31 +202,24 @@ def _fetch_study(ctx: Context, job: Job, dest: Path, progress: _Progress) -> Non
         session.execute(delete(Scan).where(Scan.job_id == job.id))
         session.add_all(scans)
         session.commit()
-    progress("fetching", 100.0)
+    progress(Phase.FETCHING, 100.0)
 
 
-def _choose_bundle(ctx: Context, job: Job) -> tuple[Any, str, str, str | None]:
+def _choose_bundle(ctx: Context, job: Job) -> tuple[Any, Method, str, str | None]:
     """The bundle to run, the method to run it with, its description, and the job it was adapted by."""
     root = str(ctx.settings.bundles) if ctx.settings.bundles else None
-    base = _base_bundle(f"{job.bundle_name}:{job.bundle_version}", root)
     ref = f"{job.bundle_name}:{job.bundle_version}"
-    if job.domain and job.adaptation != "none" and ctx.settings.domain_policy == "reuse":
+    base = _base_bundle(ref, root)
+    method = Method(job.adaptation)
+    if job.domain and method.adapts and ctx.settings.domain_policy == "reuse":
         with ctx.db.session() as session:
-            cached = session.scalar(
-                select(DomainBundle).where(
-                    DomainBundle.client_id == job.client_id,
-                    DomainBundle.bundle_name == job.bundle_name,
-                    DomainBundle.bundle_version == job.bundle_version,
-                    DomainBundle.adaptation == job.adaptation,
-                    DomainBundle.domain == job.domain,
-                )
-            )
+            cached = domain_bundle(session, job)
         if cached is not None and cached.job_id != job.id and ctx.storage.exists(cached.storage_key):
             bundle = _adapted_bundle(str(ctx.storage.local_path(cached.storage_key)))
-            return bundle, "none", f"{ref} adapted ({job.adaptation}) for domain {job.domain}", cached.job_id
-    if job.adaptation == "none":
-        return base, "none", ref, None
-    return base, job.adaptation, f"{ref} adapted ({job.adaptation}) on this job", None
+            return bundle, Method.NONE, f"{ref} adapted ({method}) for domain {job.domain}", cached.job_id
+    if not method.adapts:
+        return base, Method.NONE, ref, None
+    return base, method, f"{ref} adapted ({method}) on this job", None
 
 
 def _remember_adapted(ctx: Context, job: Job, adapted: Path) -> str:
@@ -258,15 +228,7 @@ def _remember_adapted(ctx: Context, job: Job, adapted: Path) -> str:
     key = "adapted/" + "/".join(str(p) for p in parts)
     ctx.storage.put_path(key, adapted)
     with ctx.db.session() as session:
-        row = session.scalar(
-            select(DomainBundle).where(
-                DomainBundle.client_id == job.client_id,
-                DomainBundle.bundle_name == job.bundle_name,
-                DomainBundle.bundle_version == job.bundle_version,
-                DomainBundle.adaptation == job.adaptation,
-                DomainBundle.domain == job.domain,
-            )
-        )
+        row = domain_bundle(session, job)
         if row is None:
             row = DomainBundle(
                 client_id=job.client_id,
@@ -284,28 +246,28 @@ def _remember_adapted(ctx: Context, job: Job, adapted: Path) -> str:
 def _execute(ctx: Context, job: Job, token: str, progress: _Progress, scratch: Path) -> None:
     from models.pipeline import segment_batch
 
-    if job.source == "dicomweb":
+    if job.source == JobSource.DICOMWEB:
         _fetch_study(ctx, job, scratch / "fetched", progress)
     with ctx.db.session() as session:
         scans = list(session.scalars(select(Scan).where(Scan.job_id == job.id).order_by(Scan.position)))
     bundle, method, bundle_used, reused_from = _choose_bundle(ctx, job)
-    save_adapted = scratch / "adapted" if job.domain and method != "none" else None
+    save_adapted = scratch / "adapted" if job.domain and method.adapts else None
     out_dir = scratch / "out"
     device = ctx.settings.resolved_device
     started = time.monotonic()
     results = segment_batch(
         [ctx.storage.local_path(s.input_key) for s in scans],
         bundle,
+        out_dir,
         method=method,
         steps=job.steps,
         device=device,
-        out_dir=out_dir,
         progress=progress,
         case_names=[s.name for s in scans],
         save_adapted=save_adapted,
     )
     finished = time.monotonic()
-    segment_from = progress.segment_started or started
+    segment_from = progress.started.get(Phase.SEGMENTING, finished) if method.adapts else started
     adapted_key = None
     if save_adapted is not None and save_adapted.is_dir():
         adapted_key = _remember_adapted(ctx, job, save_adapted)
@@ -314,14 +276,14 @@ def _execute(ctx: Context, job: Job, token: str, progress: _Progress, scratch: P
     by_case = {r.case: r for r in results}
     with ctx.db.session() as session:
         current = session.scalar(select(Job).where(Job.id == job.id).with_for_update())
-        if current is None or current.run_token != token or current.state != "running":
+        if current is None or current.run_token != token or current.state != JobState.RUNNING:
             raise JobCancelled(job.id)
         for scan in current.scans:
             result = by_case.get(scan.name)
             if result is None:
-                scan.state = "failed"
+                scan.state = ScanState.FAILED
                 continue
-            scan.state = "succeeded"
+            scan.state = ScanState.SUCCEEDED
             scan.label_key = f"{results_key}/{Path(result.label_path).name}"
             scan.result_json_key = f"{results_key}/{Path(result.json_path).name}"
             scan.volumes_ml = {k: float(v) for k, v in result.volumes_ml.items()}
@@ -329,7 +291,7 @@ def _execute(ctx: Context, job: Job, token: str, progress: _Progress, scratch: P
             scan.fallback = bool(result.fallback)
             scan.fallback_reason = result.fallback_reason
             scan.seconds = float(result.seconds)
-        current.state = "succeeded"
+        current.state = JobState.SUCCEEDED
         current.phase = None
         current.progress = 100.0
         current.finished_at = utcnow()
@@ -337,16 +299,13 @@ def _execute(ctx: Context, job: Job, token: str, progress: _Progress, scratch: P
         current.bundle_used = bundle_used
         current.reused_from_job = reused_from
         current.adapted_bundle_key = adapted_key
-        current.adapt_seconds = round(segment_from - started, 3) if method != "none" else 0.0
+        current.adapt_seconds = round(segment_from - started, 3)
         current.segment_seconds = round(finished - segment_from, 3)
         session.commit()
 
 
 def run(job_id: str) -> None:
     """Claim and run a job; every outcome ends in a consistent record (or a re-queue for another try)."""
-    from models.bundle import BundleError
-    from models.io import InputError
-
     ctx = get_context()
     token = uuid.uuid4().hex
     if not claim(ctx, job_id, token):
