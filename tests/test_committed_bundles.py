@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from models.bundle import list_bundles, resolve_bundle
+from models.bundle import bundle_folders, load_bundle, resolve_bundle
 from models.io import same_grid
 from models.pipeline import segment_batch
 from models.postprocessing import foreground_connectedness
@@ -14,10 +14,12 @@ from models.postprocessing import foreground_connectedness
 TEST_TARGET = {"cardiac-bssfp": "lge", "cardiac-acdc": "bssfp"}
 
 
-@pytest.mark.parametrize("name", sorted(b.card.name for b in list_bundles()))
-def test_bundle_card_and_provenance(name):
-    bundle = resolve_bundle(name)
+@pytest.mark.parametrize("folder", bundle_folders(), ids=lambda folder: folder.name)
+def test_bundle_card_and_provenance(folder):
+    bundle = load_bundle(folder)  # every folder with a model card: a corrupt bundle fails here
     card = bundle.card
+    name = card.name
+    assert resolve_bundle(name).path == folder
     assert card.validation["dice_mean"] > 0.8  # held-out source scans; see docs/benchmarks.md
     assert card.labels == {
         0: "background",
