@@ -36,17 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import (
-    STEP_METHODS,
-    add_task_arguments,
-    command,
-    label_dir,
-    machine,
-    scored,
-    task_bundle,
-    task_inputs,
-    write_json,
-)
+from benchmarks import common
 from models.terms import Method
 
 BATCH_FILE, CARD_FILE, WEIGHTS_FILE, ADAPT_FILE = "batch.npz", "batch.json", "weights.pt", "adapt.json"
@@ -75,8 +65,8 @@ def pack(args: argparse.Namespace) -> None:
     """Prepare the task's batch on the model grid and save it with the source weights and settings."""
     from models.pipeline import clean_up_settings, load_scans
 
-    bundle = task_bundle(args.task, args.bundle)
-    inputs, labelled = task_inputs(args.task, skip=args.skip, limit=args.limit)
+    bundle = common.task_bundle(args.task, args.bundle)
+    inputs, labelled = common.task_inputs(args.task, skip=args.skip, limit=args.limit)
     scans = load_scans(inputs, bundle, None)
     largest_component, config = clean_up_settings(bundle.card, None, None)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -93,7 +83,7 @@ def pack(args: argparse.Namespace) -> None:
         "largest_component": str(largest_component),
         "adapt_config": config.model_dump(mode="json"),
     }
-    write_json(args.out / CARD_FILE, card)
+    common.write_json(args.out / CARD_FILE, card)
     size = sum(f.stat().st_size for f in args.out.iterdir()) / 2**20
     print(f"packed {len(scans)} scans of {args.task} ({bundle.ref}) into {args.out}: {size:.1f} MiB")
 
@@ -139,15 +129,15 @@ def _adapt_run(
         "adapt_config": config.model_dump(mode="json"),
         "config_overrides": overrides,
         "device": device,
-        "machine": machine(),
-        "command": command("benchmarks.adaptation_offload"),
+        "machine": common.machine(),
+        "command": common.command("benchmarks.adaptation_offload"),
         "snapshots_in_half_precision": half,
         "seconds": round(seconds, 2),
         "seconds_per_step": round(seconds / max(last, 1), 4),
         "peak_gpu_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None,
         "history": result.history,
     }
-    write_json(out / ADAPT_FILE, report)
+    common.write_json(out / ADAPT_FILE, report)
     print(
         f"{out.name}: {last} steps in {seconds:.1f} s ({report['seconds_per_step'] * 1e3:.0f} ms/step)",
         flush=True,
@@ -196,10 +186,10 @@ def _labelled(packed: Path, card: dict):
     from models.io import case_name
     from models.pipeline import load_scans
 
-    bundle = task_bundle(card["task"], card["bundle"])
+    bundle = common.task_bundle(card["task"], card["bundle"])
     labelled = set(card["labelled_scans"])
     scans = load_scans([p for p in card["inputs"] if case_name(p) in labelled], bundle, None)
-    return bundle, scans, label_dir(card["task"])
+    return bundle, scans, common.label_dir(card["task"])
 
 
 def score(args: argparse.Namespace) -> None:
@@ -218,7 +208,7 @@ def score(args: argparse.Namespace) -> None:
     curve = {}
     for step, path in sorted(weights.items()):
         net.load_state_dict(_weights(path))
-        curve[step] = scored(
+        curve[step] = common.scored(
             dice_per_scan(
                 net,
                 scans,
@@ -234,8 +224,8 @@ def score(args: argparse.Namespace) -> None:
         "labelled_scans": card["labelled_scans"],
         "largest_component": card["largest_component"],
         "adapted_on": run["machine"],
-        "scored_on": machine(),
-        "command": [run["command"], command("benchmarks.adaptation_offload")],
+        "scored_on": common.machine(),
+        "command": [run["command"], common.command("benchmarks.adaptation_offload")],
         "methods": {
             method: {
                 "curve": curve,
@@ -246,7 +236,7 @@ def score(args: argparse.Namespace) -> None:
             }
         },
     }
-    write_json(args.out, report)
+    common.write_json(args.out, report)
     print(f"\n{card['task']}: {card['bundle']}, batch of {run['batch_size']}, {method} on {run['device']}\n")
     print("| steps | mean Dice |\n|---|---|")
     for step, point in curve.items():
@@ -272,7 +262,7 @@ def score_sweep(args: argparse.Namespace) -> None:
         return [predict_volume(scan.array, predict, card["patch_size"]) for scan in scans]
 
     def scored_probabilities(probs: list[np.ndarray]) -> dict:
-        return scored(
+        return common.scored(
             {
                 s.case: scan_dice(p, s, labels_folder, labels=bundle.card.labels, largest_component=clean_up)
                 for s, p in zip(scans, probs, strict=True)
@@ -312,13 +302,13 @@ def score_sweep(args: argparse.Namespace) -> None:
         "labelled_scans": card["labelled_scans"],
         "largest_component": card["largest_component"],
         "adapted_on": next(iter(runs.values()))[0][1]["machine"] if runs else None,
-        "scored_on": machine(),
-        "command": command("benchmarks.adaptation_offload"),
+        "scored_on": common.machine(),
+        "command": common.command("benchmarks.adaptation_offload"),
         "adapt_commands": sorted({run["command"] for seeds in runs.values() for _, run, _ in seeds}),
         "none": source,
         "settings": settings,
     }
-    write_json(args.out, report)
+    common.write_json(args.out, report)
     seeds = sorted({seed for row in settings.values() for seed in row["seeds"]})
     print(
         f"\n{card['task']}: {card['bundle']}, batch of {len(card['cases'])}, none {source['mean_dice']:.3f}\n"
@@ -367,11 +357,11 @@ def collapse(args: argparse.Namespace) -> None:
         print(f"| {path} | {row['collapsed']} | {row['scans_shrunk']} | {row['scans_with_structure']} |")
     report = {
         "task": card["task"],
-        "command": command("benchmarks.adaptation_offload"),
+        "command": common.command("benchmarks.adaptation_offload"),
         "rule": rule.model_dump(include={"collapse_ratio", "collapse_scans"}),
         "snapshots": rows,
     }
-    print(f"wrote {write_json(args.out, report)}")
+    print(f"wrote {common.write_json(args.out, report)}")
 
 
 def main() -> None:
@@ -380,12 +370,12 @@ def main() -> None:
     )
     sub = parser.add_subparsers(required=True)
     p = sub.add_parser("pack", help="prepare a task's batch into a folder")
-    add_task_arguments(p, limit=15)
+    common.add_task_arguments(p, limit=15)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(run=pack)
     a = sub.add_parser("adapt", help="adapt to a packed batch, keeping snapshots")
     a.add_argument("packed", type=Path)
-    a.add_argument("--method", choices=STEP_METHODS, default=Method.MPL.value)
+    a.add_argument("--method", choices=common.STEP_METHODS, default=Method.MPL.value)
     a.add_argument("--checkpoints", nargs="+", type=int, required=True)
     a.add_argument("--config", default="{}", help="AdaptConfig overrides as JSON")
     a.add_argument("--device", default="cuda", help="cuda or cpu")
@@ -395,7 +385,7 @@ def main() -> None:
     w.add_argument("packed", type=Path)
     w.add_argument("--grid", nargs="+", required=True, help="NAME=JSON: AdaptConfig overrides per setting")
     w.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    w.add_argument("--method", choices=STEP_METHODS, default=Method.MPL.value)
+    w.add_argument("--method", choices=common.STEP_METHODS, default=Method.MPL.value)
     w.add_argument("--checkpoints", nargs="+", type=int, default=[100])
     w.add_argument("--device", default="cuda", help="cuda or cpu")
     w.add_argument("--half", action="store_true", help="store the snapshots in half precision (smaller)")

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cli.progress import ProgressReport
@@ -31,7 +32,7 @@ Bundles = Annotated[
 
 def _fail(exc: Exception) -> typer.Exit:
     """Print the reason and give the exit code of bad input (2)."""
-    console.print(f"[red]error:[/red] {exc}", highlight=False)
+    console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
     return typer.Exit(2)
 
 
