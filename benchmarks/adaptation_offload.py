@@ -194,7 +194,6 @@ def _labelled(packed: Path, card: dict):
 
 def score(args: argparse.Namespace) -> None:
     """Score the source weights and every snapshot on the labelled scans; print a table and write JSON."""
-    from benchmarks.adaptation_steps import dice_per_scan
     from models.postprocessing import LargestComponent
 
     card = json.loads((args.packed / CARD_FILE).read_text())
@@ -209,7 +208,7 @@ def score(args: argparse.Namespace) -> None:
     for step, path in sorted(weights.items()):
         net.load_state_dict(_weights(path))
         curve[step] = common.scored(
-            dice_per_scan(
+            common.dice_per_scan(
                 net,
                 scans,
                 labels_folder,
@@ -247,7 +246,6 @@ def score(args: argparse.Namespace) -> None:
 def score_sweep(args: argparse.Namespace) -> None:
     """Score the last snapshot of every run of a sweep, each seed alone and the seeds' mean probabilities
     (an ensemble), against the source model; print a table and write JSON."""
-    from benchmarks.adaptation_steps import scan_dice
     from models.inference import predict_volume, torch_predictor
     from models.postprocessing import LargestComponent
 
@@ -264,7 +262,9 @@ def score_sweep(args: argparse.Namespace) -> None:
     def scored_probabilities(probs: list[np.ndarray]) -> dict:
         return common.scored(
             {
-                s.case: scan_dice(p, s, labels_folder, labels=bundle.card.labels, largest_component=clean_up)
+                s.case: common.scan_dice(
+                    p, s, labels_folder, labels=bundle.card.labels, largest_component=clean_up
+                )
                 for s, p in zip(scans, probs, strict=True)
             }
         )

@@ -19,14 +19,12 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-import SimpleITK as sitk
-
 from benchmarks.common import (
     RESULTS,
     STEP_METHODS,
     add_task_arguments,
     command,
+    dice_per_scan,
     label_dir,
     machine,
     scored,
@@ -35,51 +33,7 @@ from benchmarks.common import (
     write_json,
 )
 from models.postprocessing import LargestComponent
-
-
-def scan_dice(
-    probs: np.ndarray,
-    scan,
-    label_dir: Path,
-    *,
-    labels: dict[int, str],
-    largest_component: LargestComponent,
-) -> float:
-    """Mean Dice over structures of a labelled scan's segmentation from class probabilities on the model grid."""
-    from models.evaluation import evaluate_case
-    from models.postprocessing import keep_largest_component
-    from models.preprocessing import label_image, probabilities_to_original
-
-    argmax = probabilities_to_original(probs, scan).argmax(0).astype(np.uint8)
-    pred = label_image(keep_largest_component(argmax, len(labels), largest_component), scan.original)
-    ref = sitk.ReadImage(str(next(label_dir.glob(f"{scan.case}.*"))))
-    metrics = evaluate_case(pred, ref, labels)
-    return round(float(np.nanmean([m["dice"] for m in metrics.values()])), 4)
-
-
-def dice_per_scan(
-    net,
-    scans,
-    label_dir: Path,
-    *,
-    patch,
-    labels: dict[int, str],
-    largest_component: LargestComponent,
-) -> dict[str, float]:
-    """Mean Dice over structures for each labelled scan segmented by ``net`` (eager, on its own grid)."""
-    from models.inference import predict_volume, torch_predictor
-
-    predict = torch_predictor(net.eval())
-    return {
-        scan.case: scan_dice(
-            predict_volume(scan.array, predict, patch),
-            scan,
-            label_dir,
-            labels=labels,
-            largest_component=largest_component,
-        )
-        for scan in scans
-    }
+from models.terms import Method
 
 
 def main() -> None:
@@ -87,7 +41,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_task_arguments(parser, limit=15)
-    parser.add_argument("--methods", nargs="+", default=STEP_METHODS)
+    parser.add_argument("--methods", nargs="+", choices=[m.value for m in Method], default=STEP_METHODS)
     parser.add_argument("--checkpoints", nargs="+", type=int, default=[0, 10, 20, 40, 80, 120])
     parser.add_argument("--config", default="{}", help="AdaptConfig overrides as JSON")
     parser.add_argument(

@@ -1,4 +1,5 @@
-"""What the adaptation benchmarks share: the task table, a task's batch, the machine, the command and JSON output."""
+"""What the adaptation benchmarks share: the task table, a task's batch, Dice of a scan against its labels, the
+machine, the command line and JSON output."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.postprocessing import LargestComponent
 from models.terms import Method
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +80,53 @@ def task_bundle(task: str, bundle: str | None = None):
 def scored(per_scan: dict[str, float]) -> dict:
     """Per-scan Dice with its mean, as the benchmark JSONs record a point."""
     return {"mean_dice": round(float(np.mean(list(per_scan.values()))), 4), "scans": per_scan}
+
+
+def scan_dice(
+    probs: np.ndarray,
+    scan,
+    label_dir: Path,
+    *,
+    labels: dict[int, str],
+    largest_component: LargestComponent,
+) -> float:
+    """Mean Dice over structures of a labelled scan's segmentation from class probabilities on the model grid."""
+    import SimpleITK as sitk
+
+    from models.evaluation import evaluate_case
+    from models.postprocessing import keep_largest_component
+    from models.preprocessing import label_image, probabilities_to_original
+
+    argmax = probabilities_to_original(probs, scan).argmax(0).astype(np.uint8)
+    pred = label_image(keep_largest_component(argmax, len(labels), largest_component), scan.original)
+    ref = sitk.ReadImage(str(next(label_dir.glob(f"{scan.case}.*"))))
+    metrics = evaluate_case(pred, ref, labels)
+    return round(float(np.nanmean([m["dice"] for m in metrics.values()])), 4)
+
+
+def dice_per_scan(
+    net,
+    scans,
+    label_dir: Path,
+    *,
+    patch,
+    labels: dict[int, str],
+    largest_component: LargestComponent,
+) -> dict[str, float]:
+    """Mean Dice over structures for each labelled scan segmented by ``net`` (eager, on its own grid)."""
+    from models.inference import predict_volume, torch_predictor
+
+    predict = torch_predictor(net.eval())
+    return {
+        scan.case: scan_dice(
+            predict_volume(scan.array, predict, patch),
+            scan,
+            label_dir,
+            labels=labels,
+            largest_component=largest_component,
+        )
+        for scan in scans
+    }
 
 
 def write_json(path: Path, report: dict) -> Path:
