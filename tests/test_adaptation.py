@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from models.adaptation import AdaptConfig, adapt
-from models.guard import implausible_change
+from models.guard import dice_per_class, implausible_change
 from models.phantom import PHANTOM_NETWORK, PHANTOM_PATCH, write_phantoms
 from models.pipeline import segment_batch
 from models.terms import Method
@@ -30,10 +30,7 @@ def _dice(pred_dir, pairs):
     for img, lab in pairs:
         ref = sitk.GetArrayFromImage(sitk.ReadImage(str(lab)))
         out = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir / img.name)))
-        for k in (1, 2):
-            scores.append(
-                2 * np.logical_and(ref == k, out == k).sum() / ((ref == k).sum() + (out == k).sum())
-            )
+        scores += dice_per_class(out, ref, 3)
     return float(np.mean(scores))
 
 
