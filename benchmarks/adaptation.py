@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -23,45 +21,26 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import (
+    RESULTS,
+    ROOT,
+    TASKS,
+    add_task_arguments,
+    command,
+    label_dir,
+    machine,
+    task_bundle,
+    task_inputs,
+    write_json,
+)
 from models.postprocessing import LargestComponent
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("TTASEG_DATA", ROOT.parent / "shared" / "data"))
-RESULTS = ROOT / "benchmarks" / "results"
-
-TASKS = {
-    # name: (bundle, target images, target labels (measuring only))
-    "bssfp-lge": ("cardiac-bssfp", "cardiac/mscmr_lge/images", "cardiac/mscmr_lge/labels"),
-    "acdc-bssfp": ("cardiac-acdc", "cardiac/mscmr_bssfp/images", "cardiac/mscmr_bssfp/labels"),
-    "acdc-lge": ("cardiac-acdc", "cardiac/mscmr_lge/images", "cardiac/mscmr_lge/labels"),
-}
-
-
-def machine() -> dict:
-    """What the numbers were measured on."""
-    import torch
-
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
+from models.terms import Method
 
 
 def run_method(
     bundle: str,
     inputs: list[Path],
+    *,
     method: str,
     steps: int | None,
     device: str,
@@ -86,10 +65,10 @@ def run_method(
     results = segment_batch(
         inputs,
         loaded,
-        out,
-        method,
-        steps,
-        device,
+        out_dir=out,
+        method=method,
+        steps=steps,
+        device=device,
         progress=progress,
         adapt_config=config,
         largest_component=largest_component,
@@ -132,14 +111,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--task", choices=sorted(TASKS), default="bssfp-lge")
-    parser.add_argument("--methods", nargs="+", default=["none", "norm", "tent", "mpl"])
+    add_task_arguments(parser, limit=None)
+    parser.add_argument(
+        "--methods", nargs="+", choices=[m.value for m in Method], default=[m.value for m in Method]
+    )
     parser.add_argument(
         "--steps", type=int, default=None, help="adaptation steps for tent/mpl (default: shipped)"
-    )
-    parser.add_argument("--bundle", default=None, help="bundle name or folder (default: the task's)")
-    parser.add_argument(
-        "--limit", type=int, default=None, help="use only the first N target scans (labelled first)"
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
@@ -154,27 +131,27 @@ def main() -> None:
     )
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "OUTDIR", "INPUTS_JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    bundle_name, image_rel, label_rel = TASKS[args.task]
-    bundle = args.bundle or bundle_name
+    bundle = args.bundle or TASKS[args.task][0]
 
     if args.one:  # child process: one method
         method, outdir, inputs_json = args.one
-        inputs = [Path(p) for p in json.loads(Path(inputs_json).read_text())]
-        overrides = json.loads(args.config)
         run = run_method(
-            bundle, inputs, method, args.steps, args.device, Path(outdir), overrides, args.largest_component
+            bundle,
+            [Path(p) for p in json.loads(Path(inputs_json).read_text())],
+            method=method,
+            steps=args.steps,
+            device=args.device,
+            out=Path(outdir),
+            overrides=json.loads(args.config),
+            largest_component=args.largest_component,
         )
         print(json.dumps(run))
         return
 
-    from models.bundle import resolve_bundle
     from models.io import case_name
 
-    label_dir = DATA / label_rel
-    labelled = {case_name(p) for p in label_dir.iterdir()}
-    inputs = sorted((DATA / image_rel).iterdir(), key=lambda p: (case_name(p) not in labelled, p.name))
-    inputs = inputs[: args.limit] if args.limit else inputs
-    card = resolve_bundle(bundle).card
+    inputs, labelled = task_inputs(args.task, skip=args.skip, limit=args.limit)
+    card = task_bundle(args.task, bundle).card
     report = {
         "task": args.task,
         "adapt_config_overrides": json.loads(args.config),
@@ -183,7 +160,7 @@ def main() -> None:
         "batch_size": len(inputs),
         "labelled_scans": sorted(labelled & {case_name(p) for p in inputs}),
         "machine": machine(),
-        "command": " ".join(["python -m benchmarks.adaptation", *sys.argv[1:]]),
+        "command": command("benchmarks.adaptation"),
         "methods": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -216,7 +193,7 @@ def main() -> None:
             if proc.returncode:
                 raise SystemExit(f"{method} failed:\n{proc.stderr[-3000:]}")
             run = json.loads(proc.stdout.strip().splitlines()[-1])
-            run["metrics"] = score(out, label_dir, card.labels)
+            run["metrics"] = score(out, label_dir(args.task), card.labels)
             run["signal_dice_correlation"] = signal_correlation(run)
             report["methods"][method] = run
             m = run["metrics"]["mean"]["mean"]
@@ -226,10 +203,7 @@ def main() -> None:
                 flush=True,
             )
     print_table(report)
-    out = args.out or RESULTS / f"{args.task}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out or RESULTS / f'{args.task}.json', report)}")
 
 
 def print_table(report: dict) -> None:

@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.adaptation import DATA, TASKS, machine
+from benchmarks import common
+from models.terms import Method
 
 BATCH_FILE, CARD_FILE, WEIGHTS_FILE, ADAPT_FILE = "batch.npz", "batch.json", "weights.pt", "adapt.json"
 
@@ -63,15 +63,11 @@ def _volumes(packed: Path, card: dict) -> list[np.ndarray]:
 
 def pack(args: argparse.Namespace) -> None:
     """Prepare the task's batch on the model grid and save it with the source weights and settings."""
-    from models.bundle import resolve_bundle
-    from models.io import case_name
     from models.pipeline import clean_up_settings, load_scans
 
-    bundle_name, image_rel, label_rel = TASKS[args.task]
-    bundle = resolve_bundle(args.bundle or bundle_name)
-    labelled = {case_name(p) for p in (DATA / label_rel).iterdir()}
-    inputs = sorted((DATA / image_rel).iterdir(), key=lambda p: (case_name(p) not in labelled, p.name))
-    scans = load_scans(inputs[args.skip : args.skip + args.limit], bundle, None)
+    bundle = common.task_bundle(args.task, args.bundle)
+    inputs, labelled = common.task_inputs(args.task, skip=args.skip, limit=args.limit)
+    scans = load_scans(inputs, bundle, None)
     largest_component, config = clean_up_settings(bundle.card, None, None)
     args.out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.out / BATCH_FILE, **{s.case: s.array for s in scans})
@@ -80,14 +76,14 @@ def pack(args: argparse.Namespace) -> None:
         "task": args.task,
         "bundle": bundle.ref,
         "cases": [s.case for s in scans],
-        "inputs": [str(p) for p in inputs[args.skip : args.skip + args.limit]],
+        "inputs": [str(p) for p in inputs],
         "labelled_scans": [s.case for s in scans if s.case in labelled],
         "patch_size": list(bundle.card.patch_size),
         "network": bundle.card.network.model_dump(mode="json"),
         "largest_component": str(largest_component),
         "adapt_config": config.model_dump(mode="json"),
     }
-    (args.out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    common.write_json(args.out / CARD_FILE, card)
     size = sum(f.stat().st_size for f in args.out.iterdir()) / 2**20
     print(f"packed {len(scans)} scans of {args.task} ({bundle.ref}) into {args.out}: {size:.1f} MiB")
 
@@ -96,6 +92,7 @@ def _adapt_run(
     packed: Path,
     card: dict,
     volumes: list[np.ndarray],
+    *,
     method: str,
     checkpoints: list[int],
     overrides: dict,
@@ -132,15 +129,15 @@ def _adapt_run(
         "adapt_config": config.model_dump(mode="json"),
         "config_overrides": overrides,
         "device": device,
-        "machine": machine(),
-        "command": " ".join(["python -m benchmarks.adaptation_offload", *sys.argv[1:]]),
+        "machine": common.machine(),
+        "command": common.command("benchmarks.adaptation_offload"),
         "snapshots_in_half_precision": half,
         "seconds": round(seconds, 2),
         "seconds_per_step": round(seconds / max(last, 1), 4),
         "peak_gpu_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None,
         "history": result.history,
     }
-    (out / ADAPT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    common.write_json(out / ADAPT_FILE, report)
     print(
         f"{out.name}: {last} steps in {seconds:.1f} s ({report['seconds_per_step'] * 1e3:.0f} ms/step)",
         flush=True,
@@ -152,9 +149,15 @@ def adapt_packed(args: argparse.Namespace) -> None:
     """Adapt the packed source weights to the packed batch; save the snapshots and the timings."""
     card = json.loads((args.packed / CARD_FILE).read_text())
     volumes = _volumes(args.packed, card)
-    overrides = json.loads(args.config)
     _adapt_run(
-        args.packed, card, volumes, args.method, args.checkpoints, overrides, args.device, args.snapshots
+        args.packed,
+        card,
+        volumes,
+        method=args.method,
+        checkpoints=args.checkpoints,
+        overrides=json.loads(args.config),
+        device=args.device,
+        out=args.snapshots,
     )
 
 
@@ -169,40 +172,33 @@ def sweep(args: argparse.Namespace) -> None:
                 args.packed,
                 card,
                 volumes,
-                args.method,
-                args.checkpoints,
-                {**json.loads(overrides), "seed": seed},
-                args.device,
-                args.snapshots / f"{name}-seed{seed}",
+                method=args.method,
+                checkpoints=args.checkpoints,
+                overrides={**json.loads(overrides), "seed": seed},
+                device=args.device,
+                out=args.snapshots / f"{name}-seed{seed}",
                 half=args.half,
             )
 
 
-def _scored(per_scan: dict[str, float]) -> dict:
-    """Per-scan Dice with its mean, as the score JSONs record it."""
-    return {"mean_dice": round(float(np.mean(list(per_scan.values()))), 4), "scans": per_scan}
-
-
 def _labelled(packed: Path, card: dict):
     """The task's bundle, its labelled scans read as the pipeline reads them, and their label folder."""
-    from models.bundle import resolve_bundle
     from models.io import case_name
     from models.pipeline import load_scans
 
-    bundle = resolve_bundle(card["bundle"])
+    bundle = common.task_bundle(card["task"], card["bundle"])
     labelled = set(card["labelled_scans"])
     scans = load_scans([p for p in card["inputs"] if case_name(p) in labelled], bundle, None)
-    return bundle, scans, DATA / TASKS[card["task"]][2]
+    return bundle, scans, common.label_dir(card["task"])
 
 
 def score(args: argparse.Namespace) -> None:
     """Score the source weights and every snapshot on the labelled scans; print a table and write JSON."""
-    from benchmarks.adaptation_steps import dice_per_scan
     from models.postprocessing import LargestComponent
 
     card = json.loads((args.packed / CARD_FILE).read_text())
     run = json.loads((args.snapshots / ADAPT_FILE).read_text())
-    bundle, scans, label_dir = _labelled(args.packed, card)
+    bundle, scans, labels_folder = _labelled(args.packed, card)
     net = _source_network(args.packed, card)
     method = run["method"]
     weights = {0: args.packed / WEIGHTS_FILE} | {
@@ -211,23 +207,24 @@ def score(args: argparse.Namespace) -> None:
     curve = {}
     for step, path in sorted(weights.items()):
         net.load_state_dict(_weights(path))
-        per_scan = dice_per_scan(
-            net,
-            scans,
-            label_dir,
-            card["patch_size"],
-            bundle.card.labels,
-            LargestComponent(card["largest_component"]),
+        curve[step] = common.scored(
+            common.dice_per_scan(
+                net,
+                scans,
+                labels_folder,
+                patch=card["patch_size"],
+                labels=bundle.card.labels,
+                largest_component=LargestComponent(card["largest_component"]),
+            )
         )
-        curve[step] = _scored(per_scan)
         print(f"{method} step {step:4d}: mean Dice {curve[step]['mean_dice']:.3f}", flush=True)
     report = {
         **{k: run[k] for k in ("task", "bundle", "batch_size", "adapt_config", "device")},
         "labelled_scans": card["labelled_scans"],
         "largest_component": card["largest_component"],
         "adapted_on": run["machine"],
-        "scored_on": machine(),
-        "command": [run["command"], " ".join(["python -m benchmarks.adaptation_offload", *sys.argv[1:]])],
+        "scored_on": common.machine(),
+        "command": [run["command"], common.command("benchmarks.adaptation_offload")],
         "methods": {
             method: {
                 "curve": curve,
@@ -238,8 +235,7 @@ def score(args: argparse.Namespace) -> None:
             }
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    common.write_json(args.out, report)
     print(f"\n{card['task']}: {card['bundle']}, batch of {run['batch_size']}, {method} on {run['device']}\n")
     print("| steps | mean Dice |\n|---|---|")
     for step, point in curve.items():
@@ -250,12 +246,11 @@ def score(args: argparse.Namespace) -> None:
 def score_sweep(args: argparse.Namespace) -> None:
     """Score the last snapshot of every run of a sweep, each seed alone and the seeds' mean probabilities
     (an ensemble), against the source model; print a table and write JSON."""
-    from benchmarks.adaptation_steps import scan_dice
     from models.inference import predict_volume, torch_predictor
     from models.postprocessing import LargestComponent
 
     card = json.loads((args.packed / CARD_FILE).read_text())
-    bundle, scans, label_dir = _labelled(args.packed, card)
+    bundle, scans, labels_folder = _labelled(args.packed, card)
     net = _source_network(args.packed, card)
     clean_up = LargestComponent(card["largest_component"])
 
@@ -264,15 +259,17 @@ def score_sweep(args: argparse.Namespace) -> None:
         predict = torch_predictor(net.eval())
         return [predict_volume(scan.array, predict, card["patch_size"]) for scan in scans]
 
-    def scored(probs: list[np.ndarray]) -> dict:
-        return _scored(
+    def scored_probabilities(probs: list[np.ndarray]) -> dict:
+        return common.scored(
             {
-                s.case: scan_dice(p, s, label_dir, bundle.card.labels, clean_up)
+                s.case: common.scan_dice(
+                    p, s, labels_folder, labels=bundle.card.labels, largest_component=clean_up
+                )
                 for s, p in zip(scans, probs, strict=True)
             }
         )
 
-    source = scored(probabilities(args.packed / WEIGHTS_FILE))
+    source = scored_probabilities(probabilities(args.packed / WEIGHTS_FILE))
     runs: dict[str, list[tuple[int, dict, Path]]] = {}
     for folder in sorted(p for p in args.sweep.iterdir() if (p / ADAPT_FILE).exists()):
         run = json.loads((folder / ADAPT_FILE).read_text())
@@ -285,11 +282,11 @@ def score_sweep(args: argparse.Namespace) -> None:
             probs = probabilities(folder / f"{run['method']}-{run['steps']}.pt")
             total = probs if total is None else [t + p for t, p in zip(total, probs, strict=True)]
             rows[seed] = {
-                **scored(probs),
+                **scored_probabilities(probs),
                 **{k: run[k] for k in ("seconds", "seconds_per_step", "peak_gpu_memory_mib", "steps")},
             }
             print(f"{name} seed {seed}: mean Dice {rows[seed]['mean_dice']:.3f}", flush=True)
-        ensemble = scored([t / len(rows) for t in total])
+        ensemble = scored_probabilities([t / len(rows) for t in total])
         worst = min(r["scans"][c] - v for r in rows.values() for c, v in source["scans"].items())
         settings[name] = {
             "overrides": {k: v for k, v in seeds[0][1]["config_overrides"].items() if k != "seed"},
@@ -305,14 +302,13 @@ def score_sweep(args: argparse.Namespace) -> None:
         "labelled_scans": card["labelled_scans"],
         "largest_component": card["largest_component"],
         "adapted_on": next(iter(runs.values()))[0][1]["machine"] if runs else None,
-        "scored_on": machine(),
-        "command": " ".join(["python -m benchmarks.adaptation_offload", *sys.argv[1:]]),
+        "scored_on": common.machine(),
+        "command": common.command("benchmarks.adaptation_offload"),
         "adapt_commands": sorted({run["command"] for seeds in runs.values() for _, run, _ in seeds}),
         "none": source,
         "settings": settings,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    common.write_json(args.out, report)
     seeds = sorted({seed for row in settings.values() for seed in row["seeds"]})
     print(
         f"\n{card['task']}: {card['bundle']}, batch of {len(card['cases'])}, none {source['mean_dice']:.3f}\n"
@@ -361,13 +357,11 @@ def collapse(args: argparse.Namespace) -> None:
         print(f"| {path} | {row['collapsed']} | {row['scans_shrunk']} | {row['scans_with_structure']} |")
     report = {
         "task": card["task"],
-        "command": " ".join(["python -m benchmarks.adaptation_offload", *sys.argv[1:]]),
+        "command": common.command("benchmarks.adaptation_offload"),
         "rule": rule.model_dump(include={"collapse_ratio", "collapse_scans"}),
         "snapshots": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {common.write_json(args.out, report)}")
 
 
 def main() -> None:
@@ -376,17 +370,12 @@ def main() -> None:
     )
     sub = parser.add_subparsers(required=True)
     p = sub.add_parser("pack", help="prepare a task's batch into a folder")
-    p.add_argument("--task", choices=sorted(TASKS), default="bssfp-lge")
-    p.add_argument("--bundle", default=None, help="bundle name or folder (default: the task's)")
-    p.add_argument(
-        "--limit", type=int, default=15, help="batch: N target scans (after --skip), labelled first"
-    )
-    p.add_argument("--skip", type=int, default=0, help="leave out the first N target scans")
+    common.add_task_arguments(p, limit=15)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(run=pack)
     a = sub.add_parser("adapt", help="adapt to a packed batch, keeping snapshots")
     a.add_argument("packed", type=Path)
-    a.add_argument("--method", choices=["tent", "mpl"], default="mpl")
+    a.add_argument("--method", choices=common.STEP_METHODS, default=Method.MPL.value)
     a.add_argument("--checkpoints", nargs="+", type=int, required=True)
     a.add_argument("--config", default="{}", help="AdaptConfig overrides as JSON")
     a.add_argument("--device", default="cuda", help="cuda or cpu")
@@ -396,7 +385,7 @@ def main() -> None:
     w.add_argument("packed", type=Path)
     w.add_argument("--grid", nargs="+", required=True, help="NAME=JSON: AdaptConfig overrides per setting")
     w.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    w.add_argument("--method", choices=["tent", "mpl"], default="mpl")
+    w.add_argument("--method", choices=common.STEP_METHODS, default=Method.MPL.value)
     w.add_argument("--checkpoints", nargs="+", type=int, default=[100])
     w.add_argument("--device", default="cuda", help="cuda or cpu")
     w.add_argument("--half", action="store_true", help="store the snapshots in half precision (smaller)")

@@ -16,64 +16,33 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import SimpleITK as sitk
-
-from benchmarks.adaptation import DATA, RESULTS, TASKS, machine
+from benchmarks.common import (
+    RESULTS,
+    STEP_METHODS,
+    add_task_arguments,
+    command,
+    dice_per_scan,
+    label_dir,
+    machine,
+    scored,
+    task_bundle,
+    task_inputs,
+    write_json,
+)
 from models.postprocessing import LargestComponent
-
-
-def scan_dice(
-    probs: np.ndarray, scan, label_dir: Path, labels: dict[int, str], largest_component: LargestComponent
-) -> float:
-    """Mean Dice over structures of a labelled scan's segmentation from class probabilities on the model grid."""
-    from models.evaluation import evaluate_case
-    from models.postprocessing import keep_largest_component
-    from models.preprocessing import label_image, probabilities_to_original
-
-    argmax = probabilities_to_original(probs, scan).argmax(0).astype(np.uint8)
-    pred = label_image(keep_largest_component(argmax, len(labels), largest_component), scan.original)
-    ref = sitk.ReadImage(str(next(label_dir.glob(f"{scan.case}.*"))))
-    metrics = evaluate_case(pred, ref, labels)
-    return round(float(np.nanmean([m["dice"] for m in metrics.values()])), 4)
-
-
-def dice_per_scan(
-    net, scans, label_dir: Path, patch, labels: dict[int, str], largest_component: LargestComponent
-) -> dict[str, float]:
-    """Mean Dice over structures for each labelled scan segmented by ``net`` (eager, on its own grid)."""
-    from models.inference import predict_volume, torch_predictor
-
-    predict = torch_predictor(net.eval())
-    return {
-        scan.case: scan_dice(
-            predict_volume(scan.array, predict, patch), scan, label_dir, labels, largest_component
-        )
-        for scan in scans
-    }
+from models.terms import Method
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--task", choices=sorted(TASKS), default="bssfp-lge")
-    parser.add_argument("--methods", nargs="+", default=["tent", "mpl"])
+    add_task_arguments(parser, limit=15)
+    parser.add_argument("--methods", nargs="+", choices=[m.value for m in Method], default=STEP_METHODS)
     parser.add_argument("--checkpoints", nargs="+", type=int, default=[0, 10, 20, 40, 80, 120])
-    parser.add_argument("--bundle", default=None, help="bundle name or folder (default: the task's)")
-    parser.add_argument(
-        "--limit", type=int, default=15, help="batch: N target scans (after --skip), labelled first"
-    )
-    parser.add_argument(
-        "--skip",
-        type=int,
-        default=0,
-        help="leave out the first N target scans (a batch the tables never saw)",
-    )
     parser.add_argument("--config", default="{}", help="AdaptConfig overrides as JSON")
     parser.add_argument(
         "--largest-component",
@@ -86,18 +55,12 @@ def main() -> None:
     args = parser.parse_args()
 
     from models.adaptation import AdaptConfig, adapt
-    from models.bundle import resolve_bundle
-    from models.io import case_name
     from models.pipeline import clean_up_settings, load_scans
 
-    bundle_name, image_rel, label_rel = TASKS[args.task]
-    bundle = resolve_bundle(args.bundle or bundle_name)
-    label_dir = DATA / label_rel
-    labelled = {case_name(p) for p in label_dir.iterdir()}
-    inputs = sorted((DATA / image_rel).iterdir(), key=lambda p: (case_name(p) not in labelled, p.name))
-    inputs = inputs[args.skip : args.skip + args.limit]
+    bundle = task_bundle(args.task, args.bundle)
+    inputs, labelled = task_inputs(args.task, skip=args.skip, limit=args.limit)
     scans = load_scans(inputs, bundle, None)
-    scored = [s for s in scans if s.case in labelled]
+    labelled_scans = [s for s in scans if s.case in labelled]
     last = max(args.checkpoints)
     # early stopping and restarts off (unless asked for): the curve must show what one run does if it runs on
     overrides = {"restarts": 0, **json.loads(args.config), "min_steps": last + 1}
@@ -108,15 +71,14 @@ def main() -> None:
         "task": args.task,
         "bundle": bundle.ref,
         "batch_size": len(scans),
-        "labelled_scans": [s.case for s in scored],
+        "labelled_scans": [s.case for s in labelled_scans],
         "adapt_config": config.model_dump(mode="json"),
         "largest_component": str(largest_component),
         "machine": machine(),
-        "command": " ".join(["python -m benchmarks.adaptation_steps", *sys.argv[1:]]),
+        "command": command("benchmarks.adaptation_steps"),
         "methods": {},
     }
     out = args.out or RESULTS / f"{args.task}-steps.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     net = bundle.load_network(args.device)
     for method in args.methods:
         start = time.perf_counter()
@@ -127,21 +89,26 @@ def main() -> None:
         curve = {}
         for step, state in sorted(result.snapshots.items()):
             result.net.load_state_dict(state)
-            per_scan = dice_per_scan(
-                result.net, scored, label_dir, bundle.card.patch_size, bundle.card.labels, largest_component
+            curve[step] = scored(
+                dice_per_scan(
+                    result.net,
+                    labelled_scans,
+                    label_dir(args.task),
+                    patch=bundle.card.patch_size,
+                    labels=bundle.card.labels,
+                    largest_component=largest_component,
+                )
             )
-            curve[step] = {
-                "mean_dice": round(float(np.mean(list(per_scan.values()))), 4),
-                "scans": per_scan,
-            }
             print(f"{method} step {step:4d}: mean Dice {curve[step]['mean_dice']:.3f}", flush=True)
         report["methods"][method] = {
             "curve": curve,
             "seconds": round(time.perf_counter() - start, 1),
             "history": result.history,
         }
-        out.write_text(json.dumps(report, indent=2) + "\n")  # kept after every method
-    print(f"\n{args.task}: {bundle.ref}, batch of {len(scans)} scans, mean Dice on {len(scored)} labelled\n")
+        write_json(out, report)  # kept after every method
+    print(
+        f"\n{args.task}: {bundle.ref}, batch of {len(scans)} scans, mean Dice on {len(labelled_scans)} labelled\n"
+    )
     print("| steps | " + " | ".join(args.methods) + " |")
     print("|---|" + "---|" * len(args.methods))
     for step in sorted(args.checkpoints):

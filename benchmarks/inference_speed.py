@@ -6,13 +6,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.adaptation import DATA, RESULTS, machine
+from benchmarks.common import DATA, RESULTS, machine, write_json
 from models.bundle import resolve_bundle
 from models.inference import onnx_predictor, onnx_session, predict_volume, torch_predictor
 from models.io import read_image
@@ -63,8 +62,7 @@ def main() -> None:
         f"ONNX Runtime speed-up: x{report['speedup_onnx_vs_eager']}, "
         f"max |p_onnx - p_torch| = {report['max_abs_probability_difference']:.2e}"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
 
 
 if __name__ == "__main__":

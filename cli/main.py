@@ -3,26 +3,37 @@
 from __future__ import annotations
 
 import json
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.table import Table
 
+from cli.progress import ProgressReport
 from models.postprocessing import LargestComponent
+from models.terms import Method, Phase
+from trainer.config import PRETRAIN_STEPS, TrainConfig
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_show_locals=False)
 console = Console(stderr=True)
+TRAIN = TrainConfig()  # the shipped training settings: the defaults of `train` and `pretrain`
+
+Bundles = Annotated[
+    Path | None,
+    typer.Option(
+        "--bundles",
+        envvar="TTASEG_BUNDLES",
+        help="folder of bundles that --model NAME resolves; default: the repository's bundles/",
+    ),
+]
 
 
-class Method(StrEnum):
-    none = "none"
-    norm = "norm"
-    tent = "tent"
-    mpl = "mpl"
+def _fail(exc: Exception) -> typer.Exit:
+    """Print the reason and give the exit code of bad input (2)."""
+    console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    return typer.Exit(2)
 
 
 def _labels_file(path: Path) -> dict[int, str]:
@@ -35,7 +46,7 @@ def segment(
         list[Path], typer.Argument(help="NIfTI/NRRD/MHA files or DICOM series folders: one batch")
     ],
     model: Annotated[str, typer.Option(help="bundle name[:version] or bundle folder")] = "cardiac-bssfp",
-    adapt: Annotated[Method, typer.Option(help="test-time adaptation method")] = Method.mpl,
+    adapt: Annotated[Method, typer.Option(help="test-time adaptation method")] = Method.MPL,
     steps: Annotated[int | None, typer.Option(help="adaptation steps (default: the method's)")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     out: Annotated[Path, typer.Option(help="output folder: <case>.nii.gz and <case>.json")] = Path("out"),
@@ -50,37 +61,32 @@ def segment(
             "structure; default: the model card's"
         ),
     ] = None,
+    bundles: Bundles = None,
 ) -> None:
-    """Adapt the model to all INPUTS together (without labels), then segment each onto its own grid."""
+    """Adapt the model to all INPUTS together (without labels), then segment each onto its own grid.
+
+    Progress is a live bar in a terminal and plain lines (every 10%) in a log file."""
     from models.bundle import BundleError, resolve_bundle
     from models.io import InputError
     from models.pipeline import segment_batch
 
     try:
-        bundle = resolve_bundle(model)
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.percentage:>3.0f}%"),
-            TimeElapsedColumn(),
-            console=console,
-        ) as bar:
-            tasks = {p: bar.add_task(p, total=100) for p in ("adapting", "segmenting")}
+        bundle = resolve_bundle(model, bundles)
+        with ProgressReport(console, {Phase.ADAPTING: 100, Phase.SEGMENTING: 100}) as report:
             results = segment_batch(
                 inputs,
                 bundle,
-                out,
-                adapt.value,
-                steps,
-                device,
-                progress=lambda phase, pct: bar.update(tasks[phase], completed=pct),
+                out_dir=out,
+                method=adapt.value,
+                steps=steps,
+                device=device,
+                progress=report.update,
                 save_adapted=save_adapted,
                 uncertainty=uncertainty,
                 largest_component=largest_component,
             )
     except (InputError, BundleError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        raise _fail(exc) from exc
     table = Table(
         "case",
         "fallback",
@@ -105,12 +111,16 @@ def evaluate(
     label_names: Annotated[Path | None, typer.Option(help="labels.json; default: the model card's")] = None,
     model: Annotated[str, typer.Option(help="bundle whose label names to use")] = "cardiac-bssfp",
     json_out: Annotated[Path | None, typer.Option("--json", help="write the metrics as JSON here")] = None,
+    bundles: Bundles = None,
 ) -> None:
     """Dice, HD95 and ASSD per structure and their means (MONAI metrics)."""
-    from models.bundle import resolve_bundle
+    from models.bundle import BundleError, resolve_bundle
     from models.evaluation import evaluate_folders
 
-    names = _labels_file(label_names) if label_names else resolve_bundle(model).card.labels
+    try:
+        names = _labels_file(label_names) if label_names else resolve_bundle(model, bundles).card.labels
+    except BundleError as exc:
+        raise _fail(exc) from exc
     result = evaluate_folders(pred, labels, names)
     table = Table("case", *(n for k, n in sorted(names.items()) if k), "mean Dice", title="Dice")
     for case, m in result["cases"].items():
@@ -125,18 +135,18 @@ def evaluate(
         json_out.write_text(json.dumps(result, indent=2))
 
 
-def _training_cases(images: Path, labels: Path | None, names: dict[int, str] | None, cfg) -> list:
+def _training_cases(
+    images: Path, labels: Path | None, names: dict[int, str] | None, cfg: TrainConfig
+) -> list:
     """Cases from a prepared ``.npz`` (``ttaseg prepare``), a folder of images (+ labels) or a CSV."""
     from trainer.data import image_files, labelled_pairs, load_case, load_prepared
 
     if images.suffix == ".npz":
         return load_prepared(images, cfg.target_spacing, cfg.normalisation)
+    grid = {"spacing": cfg.target_spacing, "normalisation": cfg.normalisation}
     if names is None:
-        return [load_case(f, None, cfg.target_spacing, cfg.normalisation) for f in image_files(images)]
-    return [
-        load_case(i, lab, cfg.target_spacing, cfg.normalisation, len(names))
-        for i, lab in labelled_pairs(images, labels)
-    ]
+        return [load_case(f, None, **grid) for f in image_files(images)]
+    return [load_case(i, lab, **grid, n_classes=len(names)) for i, lab in labelled_pairs(images, labels)]
 
 
 @app.command()
@@ -150,13 +160,11 @@ def prepare(
 ) -> None:
     """Resample and normalise scans for training once, into one file that `train --images` reads anywhere."""
     from trainer.data import save_prepared
-    from trainer.train import TrainConfig
 
-    cfg = TrainConfig()
     names = _labels_file(label_names) if label_names else None
-    cases = _training_cases(images, labels, names, cfg)
+    cases = _training_cases(images, labels, names, TRAIN)
     console.print(
-        f"wrote {save_prepared(cases, out, cfg.target_spacing, cfg.normalisation)} ({len(cases)} scans)"
+        f"wrote {save_prepared(cases, out, TRAIN.target_spacing, TRAIN.normalisation)} ({len(cases)} scans)"
     )
 
 
@@ -176,11 +184,16 @@ def train(
     work: Annotated[Path, typer.Option(help="checkpoints and history; training resumes from here")] = Path(
         "runs/train"
     ),
-    steps: Annotated[int, typer.Option(help="training steps")] = 5000,
-    batch_size: Annotated[int, typer.Option(help="scans per step")] = 8,
-    lr: Annotated[float, typer.Option(help="peak learning rate of the one-cycle schedule")] = 2e-3,
-    val_cases: Annotated[int, typer.Option(help="last N cases (by name) held out for validation")] = 5,
-    val_every: Annotated[int, typer.Option(help="steps between validations")] = 250,
+    steps: Annotated[int, typer.Option(help="training steps")] = TRAIN.steps,
+    batch_size: Annotated[int, typer.Option(help="scans per step")] = TRAIN.batch_size,
+    lr: Annotated[float, typer.Option(help="peak learning rate of the one-cycle schedule")] = TRAIN.lr,
+    val_cases: Annotated[
+        int,
+        typer.Option(
+            help="last N cases (by name) held out for validation; 0: none, the bundle keeps the last weights"
+        ),
+    ] = 5,
+    val_every: Annotated[int, typer.Option(help="steps between validations")] = TRAIN.val_every,
     pretrained: Annotated[
         Path | None,
         typer.Option(
@@ -189,10 +202,10 @@ def train(
     ] = None,
     random_convolution: Annotated[
         float, typer.Option(help="probability of random-convolution intensity augmentation per sample")
-    ] = 0.8,
+    ] = TRAIN.random_convolution_prob,
     histogram_shift: Annotated[
         float, typer.Option(help="probability of a random monotonic intensity curve per sample")
-    ] = 0.0,
+    ] = TRAIN.histogram_shift_prob,
     largest_component: Annotated[
         LargestComponent,
         typer.Option(
@@ -200,11 +213,15 @@ def train(
         ),
     ] = LargestComponent.off,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-    workers: Annotated[int, typer.Option(help="processes preparing augmented batches (0: none)")] = 0,
-    seed: Annotated[int, typer.Option()] = 0,
+    workers: Annotated[
+        int, typer.Option(help="processes preparing augmented batches (0: none)")
+    ] = TRAIN.workers,
+    seed: Annotated[int, typer.Option()] = TRAIN.seed,
 ) -> None:
-    """Supervised source training with augmentation; keeps the best validation Dice; writes a bundle."""
-    from trainer.train import TrainConfig, train_source
+    """Supervised source training with augmentation; keeps the best validation Dice; writes a bundle.
+
+    Resumes from --work. Progress with the time left is a live bar in a terminal, plain lines in a log file."""
+    from trainer.train import train_source
 
     cfg = TrainConfig(
         steps=steps,
@@ -219,21 +236,29 @@ def train(
     names = _labels_file(label_names)
     cases = _training_cases(images, labels, names, cfg)
     train_cases, held = (cases[:-val_cases], cases[-val_cases:]) if val_cases else (cases, [])
-    bundle = train_source(
-        train_cases,
-        held,
-        names,
-        work,
-        out,
-        name,
-        cfg,
-        pretrained,
-        {"images": str(images), "labels": str(labels) if labels else None},
-        version,
-        device,
-        largest_component,
-    )
-    console.print(f"wrote {bundle} validation Dice {bundle.card.validation.get('dice_mean'):.3f}")
+    with ProgressReport(console, {"training": cfg.steps}, unit="steps") as report:
+        bundle = train_source(
+            train_cases,
+            held,
+            names,
+            work_dir=work,
+            out_bundle=out,
+            name=name,
+            cfg=cfg,
+            init_weights=pretrained,
+            training_summary={"images": str(images), "labels": str(labels) if labels else None},
+            version=version,
+            device=device,
+            largest_component=largest_component,
+            progress=lambda step, status: report.update("training", step, status),
+        )
+    validation = bundle.card.validation
+    if "dice_mean" in validation:
+        console.print(
+            f"wrote {bundle} validation Dice {validation['dice_mean']:.3f} (step {validation['step']})"
+        )
+    else:
+        console.print(f"wrote {bundle} without validation: {bundle.card.training['weights']} weights")
 
 
 @app.command()
@@ -242,18 +267,30 @@ def pretrain(
         list[Path],
         typer.Argument(help="folders of unlabelled scans or prepared .npz files (any domain allowed)"),
     ],
-    work: Annotated[Path, typer.Option(help="where mae.pt is written")] = Path("runs/mae"),
-    steps: Annotated[int, typer.Option(help="pretraining steps")] = 500,
+    work: Annotated[Path, typer.Option(help="checkpoints and mae.pt; pretraining resumes from here")] = Path(
+        "runs/mae"
+    ),
+    steps: Annotated[int, typer.Option(help="pretraining steps")] = PRETRAIN_STEPS,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-    workers: Annotated[int, typer.Option(help="processes preparing augmented batches (0: none)")] = 0,
-    seed: Annotated[int, typer.Option()] = 0,
+    workers: Annotated[
+        int, typer.Option(help="processes preparing augmented batches (0: none)")
+    ] = TRAIN.workers,
+    seed: Annotated[int, typer.Option()] = TRAIN.seed,
 ) -> None:
-    """3D masked-autoencoder pretraining (masked blocks of the local patch and the global view)."""
-    from trainer.train import TrainConfig, pretrain_mae
+    """3D masked-autoencoder pretraining (masked blocks of the local patch and the global view); resumable."""
+    from trainer.train import pretrain_mae
 
     cfg = TrainConfig(steps=steps, seed=seed, workers=workers)
     cases = [c for d in folders for c in _training_cases(d, None, None, cfg)]
-    console.print(f"wrote {pretrain_mae(cases, work, cfg, device)}")
+    with ProgressReport(console, {"pretraining": cfg.steps}, unit="steps") as report:
+        weights = pretrain_mae(
+            cases,
+            work,
+            cfg=cfg,
+            device=device,
+            progress=lambda step, status: report.update("pretraining", step, status),
+        )
+    console.print(f"wrote {weights}")
 
 
 @app.command()
@@ -284,7 +321,6 @@ def record_volumes(
     """Record in the card each structure's volume range over its training cases (the guard's anatomy prior)."""
     from models.bundle import load_bundle, write_card
     from trainer.data import source_volume_ranges
-    from trainer.train import TrainConfig
 
     found = load_bundle(bundle)
     card = found.card
@@ -300,12 +336,16 @@ def record_volumes(
 
 
 @app.command("models")
-def list_models() -> None:
-    """List the bundles that `--model NAME` resolves."""
-    from models.bundle import list_bundles
+def list_models(bundles: Bundles = None) -> None:
+    """List the bundles that `--model NAME` resolves; a broken bundle is an error that names it."""
+    from models.bundle import BundleError, list_bundles
 
+    try:
+        found = list_bundles(bundles)
+    except BundleError as exc:
+        raise _fail(exc) from exc
     table = Table("model", "modality", "labels", "validation Dice", "path")
-    for b in list_bundles():
+    for b in found:
         table.add_row(
             b.ref,
             b.card.modality,

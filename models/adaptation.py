@@ -1,6 +1,6 @@
 """Label-free test-time adaptation of a source network to a batch of target scans.
 
-Methods, chosen by name:
+Methods, chosen by name (:class:`models.terms.Method`):
 - ``none``: the source network as it is.
 - ``norm``: batch-norm statistics re-estimated on the target batch (a no-op for instance-normalised networks,
   which normalise every scan by its own statistics).
@@ -28,8 +28,8 @@ from torch import nn
 from models.network import GlobalLocalUNet, cosine_consistency, crop_resize
 from models.postprocessing import LargestComponent, keep_largest_component
 from models.sampling import Views, block_mask, make_views
+from models.terms import Method
 
-METHODS = ("none", "norm", "tent", "mpl")
 MIN_SHARE = 1e-3  # a structure below this share of a scan's global view is absent from it
 Progress = Callable[[float], None]
 
@@ -78,7 +78,7 @@ class AdaptResult:
     """The adapted network and the label-free signals recorded while adapting."""
 
     net: GlobalLocalUNet
-    method: str
+    method: Method
     steps_run: int = 0
     seconds: float = 0.0
     stopped_early: bool = False
@@ -164,7 +164,7 @@ def _tent(
     opt = torch.optim.Adam(params, lr=cfg.tent_lr)
     rng = np.random.default_rng(cfg.seed)
     dev = _device(net)
-    result = AdaptResult(net=net, method="tent")
+    result = AdaptResult(net=net, method=Method.TENT)
     result.snapshot(0, net, snapshot_steps)
     net.train()
     for step in range(steps):
@@ -206,6 +206,7 @@ def clean_pseudo_labels(
     pseudo_local: torch.Tensor,
     pseudo_global: torch.Tensor,
     box: torch.Tensor,
+    *,
     mode: LargestComponent,
     n_classes: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,6 +239,7 @@ def teacher_probabilities(
     local: torch.Tensor,
     gview: torch.Tensor,
     box: torch.Tensor,
+    *,
     flips: Sequence[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The teacher's local and global class probabilities, averaged over the plain views and their mirror images
@@ -292,18 +294,24 @@ def _mpl(
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     dev = _device(student)
-    result = AdaptResult(net=teacher, method="mpl")
+    result = AdaptResult(net=teacher, method=Method.MPL)
     result.snapshot(0, teacher, snapshot_steps)
     for step in range(steps):
         v = _random_views(volumes, patch, cfg, rng)
         local, gview, box = v.local.to(dev), v.global_view.to(dev), v.box.to(dev)
         with torch.no_grad():
-            t_local, t_global, t_logits = teacher_probabilities(teacher, local, gview, box, cfg.teacher_flips)
+            t_local, t_global, t_logits = teacher_probabilities(
+                teacher, local, gview, box, flips=cfg.teacher_flips
+            )
             conf_l, pseudo_l = t_local.max(1)
             conf_g, pseudo_g = t_global.max(1)
             w_l, w_g = (conf_l >= cfg.confidence).float(), (conf_g >= cfg.confidence).float()
             pseudo_l, pseudo_g = clean_pseudo_labels(
-                pseudo_l, pseudo_g, box, cfg.pseudo_label_clean_up or LargestComponent.off, t_local.shape[1]
+                pseudo_l,
+                pseudo_g,
+                box,
+                mode=cfg.pseudo_label_clean_up or LargestComponent.off,
+                n_classes=t_local.shape[1],
             )
         mask_l = block_mask(local.shape, cfg.mask_block, cfg.mask_ratio, gen).to(dev)
         mask_g = block_mask(gview.shape, cfg.mask_block, cfg.mask_ratio, gen).to(dev)
@@ -376,10 +384,11 @@ def adapt(
     net: GlobalLocalUNet,
     volumes: Sequence[np.ndarray],
     patch: Sequence[int],
-    method: str = "mpl",
+    method: Method | str = Method.MPL,
     steps: int | None = None,
     cfg: AdaptConfig | None = None,
     progress: Progress | None = None,
+    *,
     snapshot_steps: Sequence[int] = (),
 ) -> AdaptResult:
     """Adapt a copy of ``net`` to the normalised target ``volumes`` (model grid, (z, y, x)) without labels.
@@ -390,8 +399,10 @@ def adapt(
     ``cfg.restarts`` times, and reports the restarts and any structure still collapsed. Progress reaches 100 once,
     when the last attempt is done; a restart starts it again from 0.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown adaptation method {method!r}; choose one of {', '.join(METHODS)}")
+    try:
+        method = Method(method)
+    except ValueError:
+        raise ValueError(f"unknown adaptation method {method!r}; choose one of {', '.join(Method)}") from None
     cfg = cfg or AdaptConfig()
     steps = cfg.steps if steps is None else steps
     if steps < 0:
@@ -400,12 +411,12 @@ def adapt(
     torch.manual_seed(cfg.seed)
     work = copy.deepcopy(net)
     start = time.perf_counter()
-    if method in ("none", "norm"):
-        if method == "norm":
+    if not method.takes_steps:
+        if method is Method.NORM:
             reestimate_norm_statistics(work, volumes, patch, cfg)
         result = AdaptResult(net=work.eval(), method=method)
         result.snapshot(0, work, snapshot_steps)
-    elif method == "tent":
+    elif method is Method.TENT:
         result = _tent(work, volumes, patch, cfg, steps, progress, snapshot_steps)
     else:
         source_shares = structure_shares(work, volumes, patch) if cfg.restarts and steps else None

@@ -1,27 +1,31 @@
 """Checkpoint bundle: the one contract between the trainer, the workers and the service.
 
 A bundle is a directory holding ``weights.pt`` (a state dict), ``model.onnx`` (the local predictor, opset >= 17)
-and ``model_card.json``. Loading verifies the card's schema and both checksums.
+and ``model_card.json``. Loading verifies the card's schema and both checksums. Reading cards and bundles needs no
+torch: only loading, exporting and saving a network import it.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import os
 import shutil
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import BaseModel, Field, ValidationError
 
-from models.network import GlobalLocalUNet, LocalPredictor, NetworkConfig, count_parameters, flops_per_patch
+from models.checksums import sha256_file
+from models.network_config import NetworkConfig
 from models.postprocessing import LargestComponent
 from models.preprocessing import Normalisation
+
+if TYPE_CHECKING:
+    import torch
+
+    from models.network import GlobalLocalUNet
 
 CARD_FILE, WEIGHTS_FILE, ONNX_FILE = "model_card.json", "weights.pt", "model.onnx"
 ONNX_OPSET = 18
@@ -62,15 +66,6 @@ class ModelCard(BaseModel):
     parent: dict[str, Any] | None = None
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class Bundle:
     """A verified checkpoint bundle on disk."""
 
@@ -89,6 +84,10 @@ class Bundle:
 
     def load_network(self, device: str | torch.device = "cpu") -> GlobalLocalUNet:
         """The network with the bundle's weights, in eval mode."""
+        import torch
+
+        from models.network import GlobalLocalUNet
+
         net = GlobalLocalUNet(self.card.network)
         state = torch.load(self.path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         net.load_state_dict(state)
@@ -98,17 +97,21 @@ class Bundle:
         return f"Bundle({self.ref} at {self.path})"
 
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Load and verify a bundle directory."""
-    path = Path(path)
-    card_path = path / CARD_FILE
+def _read_card(folder: Path) -> ModelCard:
+    card_path = folder / CARD_FILE
     if not card_path.is_file():
-        raise BundleError(f"{path}: not a bundle (no {CARD_FILE})")
+        raise BundleError(f"{folder}: not a bundle (no {CARD_FILE})")
     try:
-        card = ModelCard.model_validate_json(card_path.read_text())
+        return ModelCard.model_validate_json(card_path.read_text())
     except ValidationError as exc:
         first = exc.errors()[0]
         raise BundleError(f"{card_path}: invalid model card: {first['msg']} at {first['loc']}") from exc
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Load and verify a bundle directory."""
+    path = Path(path)
+    card = _read_card(path)
     for fname, expected in ((WEIGHTS_FILE, card.weights_sha256), (ONNX_FILE, card.onnx_sha256)):
         f = path / fname
         if not f.is_file():
@@ -119,34 +122,50 @@ def load_bundle(path: str | Path) -> Bundle:
 
 
 def bundles_root(root: str | Path | None = None) -> Path:
-    """Folder searched for bundles by name: ``root``, else $TTASEG_BUNDLES, else the repository's ``bundles/``."""
-    return Path(root or os.environ.get("TTASEG_BUNDLES") or REPO_BUNDLES)
+    """Folder searched for bundles by name: ``root`` as the caller configured it, else the repository's ``bundles/``."""
+    return Path(root) if root else REPO_BUNDLES
+
+
+def bundle_folders(root: str | Path | None = None) -> list[Path]:
+    """Every folder under the root that holds a model card, whether or not the bundle in it is valid."""
+    base = bundles_root(root)
+    return sorted(card.parent for card in base.glob(f"**/{CARD_FILE}")) if base.is_dir() else []
 
 
 def list_bundles(root: str | Path | None = None) -> list[Bundle]:
-    """All valid bundles under the root (sub-folders holding a model card), sorted by name and version."""
-    base = bundles_root(root)
-    found = []
-    for card in sorted(base.glob(f"**/{CARD_FILE}")) if base.is_dir() else []:
+    """All bundles under the root, verified, sorted by name and version.
+
+    A broken bundle (invalid card, missing file, checksum mismatch) does not drop out of the list: the call raises
+    :class:`BundleError` naming every broken one.
+    """
+    found, broken = [], []
+    for folder in bundle_folders(root):
         try:
-            found.append(load_bundle(card.parent))
-        except BundleError:
-            continue
+            found.append(load_bundle(folder))
+        except BundleError as exc:
+            broken.append(str(exc))
+    if broken:
+        raise BundleError(f"{len(broken)} broken bundle(s) under {bundles_root(root)}: " + "; ".join(broken))
     return sorted(found, key=lambda b: (b.card.name, b.card.version))
 
 
 def resolve_bundle(spec: str | Path, root: str | Path | None = None) -> Bundle:
-    """A bundle by path, or by ``name`` / ``name:version`` (newest version when none is given)."""
+    """A verified bundle by path, or by ``name`` / ``name:version`` (newest version when none is given).
+
+    Only the chosen bundle is verified: a corrupt one raises :class:`BundleError` naming the checksum failure, and
+    other bundles' files do not matter. A card under the root that cannot be read raises too, since it may
+    describe the model asked for.
+    """
     if Path(spec).is_dir():
         return load_bundle(spec)
     name, _, version = str(spec).partition(":")
-    matches = [
-        b for b in list_bundles(root) if b.card.name == name and (not version or b.card.version == version)
-    ]
+    cards = [(folder, _read_card(folder)) for folder in bundle_folders(root)]
+    matches = [(f, c) for f, c in cards if c.name == name and (not version or c.version == version)]
     if not matches:
-        known = ", ".join(sorted({b.ref for b in list_bundles(root)})) or "none"
+        known = ", ".join(sorted({f"{c.name}:{c.version}" for _, c in cards})) or "none"
         raise BundleError(f"unknown model {spec!r}; available: {known}")
-    return max(matches, key=lambda b: _version_key(b.card.version))
+    folder, _ = max(matches, key=lambda m: _version_key(m[1].version))
+    return load_bundle(folder)
 
 
 def _version_key(version: str) -> tuple:
@@ -155,6 +174,10 @@ def _version_key(version: str) -> tuple:
 
 def export_onnx(net: GlobalLocalUNet, patch: tuple[int, int, int], path: Path) -> Path:
     """Export the local predictor (inputs: local patch, global view, box) to ONNX with a dynamic batch."""
+    import torch
+
+    from models.network import LocalPredictor
+
     was_training = net.training
     model = LocalPredictor(net).cpu().eval()
     x = torch.zeros(1, net.config.in_channels, *patch)
@@ -185,6 +208,10 @@ def write_card(card: ModelCard, folder: Path) -> None:
 
 def save_bundle(net: GlobalLocalUNet, card: ModelCard, out_dir: str | Path) -> Bundle:
     """Write weights, ONNX export and the completed card atomically into ``out_dir``."""
+    import torch
+
+    from models.network import count_parameters, flops_per_patch
+
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

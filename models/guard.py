@@ -73,12 +73,17 @@ def implausible_change(
     return None
 
 
-def dice_agreement(a: np.ndarray, b: np.ndarray, n_classes: int) -> float:
-    """Mean foreground Dice between two label maps (agreement, not accuracy); 1.0 when both are empty."""
+def dice_per_class(a: np.ndarray, b: np.ndarray, n_classes: int) -> list[float]:
+    """Dice of every foreground class between two label maps; NaN where the class is absent from both."""
     scores = []
     for k in range(1, n_classes):
         x, y = a == k, b == k
         denom = x.sum() + y.sum()
-        if denom:
-            scores.append(2.0 * np.logical_and(x, y).sum() / denom)
-    return float(np.mean(scores)) if scores else 1.0
+        scores.append(float(2.0 * np.logical_and(x, y).sum() / denom) if denom else float("nan"))
+    return scores
+
+
+def dice_agreement(a: np.ndarray, b: np.ndarray, n_classes: int) -> float:
+    """Mean foreground Dice between two label maps (agreement, not accuracy); 1.0 when both are empty."""
+    present = [d for d in dice_per_class(a, b, n_classes) if not np.isnan(d)]
+    return float(np.mean(present)) if present else 1.0

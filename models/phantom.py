@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from models.network import NetworkConfig
+from models.network_config import NetworkConfig
 
 PHANTOM_LABELS = {0: "background", 1: "core", 2: "shell"}
 PHANTOM_SPACING = (1.5, 1.5, 3.0)

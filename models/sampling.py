@@ -72,6 +72,7 @@ def make_views(
     volumes: Sequence[np.ndarray],
     patch: Sequence[int],
     rng: np.random.Generator,
+    *,
     labels: Sequence[np.ndarray] | None = None,
     foreground_prob: float = 0.0,
 ) -> Views:

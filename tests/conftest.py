@@ -9,8 +9,9 @@ import torch
 
 from models.bundle import Bundle
 from models.phantom import PHANTOM_LABELS, PHANTOM_NETWORK, PHANTOM_PATCH, PHANTOM_SPACING, write_phantoms
+from trainer.config import TrainConfig
 from trainer.data import load_case
-from trainer.train import TrainConfig, train_source
+from trainer.train import train_source
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -54,11 +55,21 @@ def tiny_bundle(tmp_path_factory, phantom_dir, tiny_config) -> Bundle:
     images = sorted((phantom_dir / "images").iterdir())
     cases = [
         load_case(
-            p, phantom_dir / "labels" / p.name, tiny_config.target_spacing, tiny_config.normalisation, 3
+            p,
+            phantom_dir / "labels" / p.name,
+            spacing=tiny_config.target_spacing,
+            normalisation=tiny_config.normalisation,
+            n_classes=3,
         )
         for p in images
     ]
     out = tmp_path_factory.mktemp("bundles")
     return train_source(
-        cases[:6], cases[6:], PHANTOM_LABELS, out / "work", out / "phantom", "phantom", tiny_config
+        cases[:6],
+        cases[6:],
+        PHANTOM_LABELS,
+        work_dir=out / "work",
+        out_bundle=out / "phantom",
+        name="phantom",
+        cfg=tiny_config,
     )

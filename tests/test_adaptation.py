@@ -11,9 +11,10 @@ import pytest
 import SimpleITK as sitk
 
 from models.adaptation import AdaptConfig, adapt
-from models.guard import implausible_change
+from models.guard import dice_per_class, implausible_change
 from models.phantom import PHANTOM_NETWORK, PHANTOM_PATCH, write_phantoms
 from models.pipeline import segment_batch
+from models.terms import Method
 
 FAST = AdaptConfig(steps=30, batch_size=2, lr=1e-3, ema=0.9, mask_block=(2, 8, 8), min_steps=100)
 
@@ -29,10 +30,7 @@ def _dice(pred_dir, pairs):
     for img, lab in pairs:
         ref = sitk.GetArrayFromImage(sitk.ReadImage(str(lab)))
         out = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir / img.name)))
-        for k in (1, 2):
-            scores.append(
-                2 * np.logical_and(ref == k, out == k).sum() / ((ref == k).sum() + (out == k).sum())
-            )
+        scores += dice_per_class(out, ref, 3)
     return float(np.mean(scores))
 
 
@@ -57,10 +55,10 @@ def test_every_method_runs_and_never_reads_labels(tiny_bundle, shifted, tmp_path
     real_read = sitk.ReadImage
     monkeypatch.setattr(sitk, "ReadImage", lambda p, *a: opened.append(str(p)) or real_read(p, *a))
     net = tiny_bundle.load_network()
-    for method in ("none", "norm", "tent", "mpl"):
+    for method in Method:
         result = adapt(net, volumes, tiny_bundle.card.patch_size, method, steps=3, cfg=FAST)
         assert result.method == method
-        assert result.steps_run == (3 if method in ("tent", "mpl") else 0)
+        assert result.steps_run == (3 if method.takes_steps else 0)
     assert not any("labels" in p for p in opened)
     with pytest.raises(ValueError, match="unknown adaptation method"):
         adapt(net, volumes, tiny_bundle.card.patch_size, "magic")
@@ -181,11 +179,13 @@ def test_pseudo_label_clean_up_drops_foreground_outside_the_global_organ():
     pseudo_global[0, 2:4, 26:29, 26:29] = 1  # a stray look-alike blob
     pseudo_local = torch.ones(1, 8, 16, 16, dtype=torch.long)  # all foreground
     box = torch.tensor([[0.0, 0.5, 0.5, 1.0, 1.0, 1.0]])  # the quarter with the stray and the organ's corner
-    local, global_ = clean_pseudo_labels(pseudo_local, pseudo_global, box, LargestComponent.foreground, 4)
+    local, global_ = clean_pseudo_labels(
+        pseudo_local, pseudo_global, box, mode=LargestComponent.foreground, n_classes=4
+    )
     assert (global_ == 1).sum() == 0 and (global_ == 2).sum() == 4 * 100
     # the organ's corner, dilated by one slice and two voxels in-plane, stays foreground; the stray does not
     assert (local[0, 1:7, :6, :6] == 1).all() and local.sum() == 6 * 6 * 6
-    off = clean_pseudo_labels(pseudo_local, pseudo_global, box, LargestComponent.off, 4)
+    off = clean_pseudo_labels(pseudo_local, pseudo_global, box, mode=LargestComponent.off, n_classes=4)
     assert off[0] is pseudo_local and off[1] is pseudo_global
 
 
@@ -279,11 +279,11 @@ def test_mirrored_teacher_labels_a_mirrored_scan_as_the_mirror_image():
     mirrored_boxes = {1: [[0.0, 0.5, 0.5, 0.5, 1.0, 1.0]], 2: [[0.0, 0.0, 0.0, 0.5, 0.5, 0.5]]}
     for axis, mirrored_box in mirrored_boxes.items():
         mirrored = (local.flip(axis + 2), gview.flip(axis + 2), torch.tensor(mirrored_box))
-        p_local, p_global, _ = teacher_probabilities(net, local, gview, box, (axis,))
-        m_local, m_global, _ = teacher_probabilities(net, *mirrored, (axis,))
+        p_local, p_global, _ = teacher_probabilities(net, local, gview, box, flips=(axis,))
+        m_local, m_global, _ = teacher_probabilities(net, *mirrored, flips=(axis,))
         assert torch.allclose(m_local, p_local.flip(axis + 2), atol=1e-5)
         assert torch.allclose(m_global, p_global.flip(axis + 2), atol=1e-5)
-        plain, _, _ = teacher_probabilities(net, *mirrored, ())
+        plain, _, _ = teacher_probabilities(net, *mirrored, flips=())
         assert not torch.allclose(plain, p_local.flip(axis + 2), atol=1e-3)  # the plain teacher is not
     with pytest.raises(ValueError):
         AdaptConfig(teacher_flips=(3,))

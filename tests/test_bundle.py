@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from models.bundle import BundleError, load_bundle, resolve_bundle
+from models.bundle import REPO_BUNDLES, BundleError, bundles_root, list_bundles, load_bundle, resolve_bundle
 from models.inference import onnx_session
 
 
@@ -39,9 +41,7 @@ def test_onnx_matches_pytorch(tiny_bundle):
 def test_corrupted_weights_are_refused(tiny_bundle, tmp_path):
     copy = tmp_path / "b"
     shutil.copytree(tiny_bundle.path, copy)
-    with open(copy / "weights.pt", "r+b") as fh:
-        fh.seek(200)
-        fh.write(b"\x00\x01\x02\x03")
+    _corrupt(copy)
     with pytest.raises(BundleError, match="checksum"):
         load_bundle(copy)
 
@@ -68,3 +68,35 @@ def test_resolve_by_name_and_version(tiny_bundle, tmp_path):
         resolve_bundle("nope", root)
     with pytest.raises(BundleError, match="unknown model"):
         resolve_bundle("phantom:9", root)
+
+
+def _corrupt(folder) -> None:
+    with open(folder / "weights.pt", "r+b") as fh:
+        fh.seek(200)
+        fh.write(b"\x00\x01\x02\x03")
+
+
+def test_a_corrupt_bundle_in_the_registry_reports_its_checksum(tiny_bundle, tmp_path):
+    root = tmp_path / "registry"
+    shutil.copytree(tiny_bundle.path, root / "phantom")
+    shutil.copytree(tiny_bundle.path, root / "other")
+    card = json.loads((root / "other" / "model_card.json").read_text())
+    (root / "other" / "model_card.json").write_text(json.dumps({**card, "name": "other"}))
+    _corrupt(root / "phantom")
+    with pytest.raises(BundleError, match="phantom/weights.pt: checksum"):
+        resolve_bundle("phantom", root)
+    with pytest.raises(BundleError, match="1 broken bundle.*phantom/weights.pt: checksum"):
+        list_bundles(root)
+    assert resolve_bundle("other", root).card.name == "other"  # the others still resolve
+
+
+def test_bundles_root_is_the_callers_not_the_environments(tmp_path, monkeypatch):
+    monkeypatch.setenv("TTASEG_BUNDLES", str(tmp_path))
+    assert bundles_root() == REPO_BUNDLES
+    assert bundles_root(tmp_path) == tmp_path
+
+
+def test_bundle_module_imports_without_torch():
+    code = "import sys, models.bundle; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

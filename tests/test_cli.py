@@ -89,3 +89,52 @@ def test_models_lists_a_registry(tiny_bundle, tmp_path, monkeypatch):
     monkeypatch.setenv("TTASEG_BUNDLES", str(tmp_path))
     result = runner.invoke(app, ["models"])
     assert result.exit_code == 0 and "phantom:1" in result.output
+    monkeypatch.delenv("TTASEG_BUNDLES")
+    result = runner.invoke(app, ["models", "--bundles", str(tmp_path)])
+    assert result.exit_code == 0 and "phantom:1" in result.output
+    with open(tmp_path / "phantom" / "model.onnx", "r+b") as fh:
+        fh.write(b"\x00\x01")
+    result = runner.invoke(app, ["models", "--bundles", str(tmp_path)])
+    assert result.exit_code == 2 and "checksum" in result.output
+    out = str(tmp_path / "o")
+    result = runner.invoke(
+        app, ["segment", "x.nii.gz", "--model", "phantom", "--bundles", str(tmp_path), "--out", out]
+    )
+    assert result.exit_code == 2 and "model.onnx: checksum" in result.output
+
+
+def test_segment_logs_progress_lines_when_not_in_a_terminal(tiny_bundle, phantom_dir, tmp_path):
+    images = sorted((phantom_dir / "images").iterdir())[6:]
+    args = [
+        "segment",
+        *map(str, images),
+        "--model",
+        str(tiny_bundle.path),
+        "--adapt",
+        "tent",
+        "--steps",
+        "10",
+    ]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    for line in ("adapting 0%", "adapting 10%", "adapting 50%", "segmenting 50%", "segmenting 100%"):
+        assert any(ln.startswith(line) for ln in lines), (line, result.output)
+    assert sum(ln.startswith("adapting") for ln in lines) == 11  # 0%, every 10%, done
+
+
+def test_progress_report_lines_show_steps_and_time_left():
+    import io
+
+    from rich.console import Console
+
+    from cli.progress import ProgressReport
+
+    out = io.StringIO()
+    with ProgressReport(Console(file=out), {"training": 1000}, unit="steps") as report:
+        for step in range(0, 1001, 50):
+            report.update("training", step, f"loss {1 / (step + 1):.3f}")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 11 and lines[0] == "training 0% (0/1000 steps, loss 1.000)"
+    assert lines[1].startswith("training 10% (100/1000 steps, ") and "left, loss 0.010)" in lines[1]
+    assert lines[-1].startswith("training 100% (1000/1000 steps, ") and "left" not in lines[-1]

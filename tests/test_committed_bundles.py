@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from models.bundle import list_bundles, resolve_bundle
+from models.bundle import bundle_folders, load_bundle, resolve_bundle
+from models.guard import dice_per_class
 from models.io import same_grid
 from models.pipeline import segment_batch
 from models.postprocessing import foreground_connectedness
@@ -14,10 +15,12 @@ from models.postprocessing import foreground_connectedness
 TEST_TARGET = {"cardiac-bssfp": "lge", "cardiac-acdc": "bssfp"}
 
 
-@pytest.mark.parametrize("name", sorted(b.card.name for b in list_bundles()))
-def test_bundle_card_and_provenance(name):
-    bundle = resolve_bundle(name)
+@pytest.mark.parametrize("folder", bundle_folders(), ids=lambda folder: folder.name)
+def test_bundle_card_and_provenance(folder):
+    bundle = load_bundle(folder)  # every folder with a model card: a corrupt bundle fails here
     card = bundle.card
+    name = card.name
+    assert resolve_bundle(name).path == folder
     assert card.validation["dice_mean"] > 0.8  # held-out source scans; see docs/benchmarks.md
     assert card.labels == {
         0: "background",
@@ -44,6 +47,6 @@ def test_in_domain_segmentation_of_a_held_out_scan(data_dir, tmp_path):
     ref = sitk.ReadImage(str(data_dir / "cardiac/mscmr_bssfp/labels" / f"{case}.nii.gz"))
     assert same_grid(pred, sitk.ReadImage(str(image)))
     p, r = sitk.GetArrayFromImage(pred), sitk.GetArrayFromImage(ref)
-    dice = [2 * np.sum((p == k) & (r == k)) / (np.sum(p == k) + np.sum(r == k)) for k in (1, 2, 3)]
+    dice = dice_per_class(p, r, 4)
     assert np.mean(dice) > 0.7, dice
     assert foreground_connectedness(p) == 1.0  # the card's clean-up keeps one heart

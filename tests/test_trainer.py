@@ -14,13 +14,20 @@ from cli.main import app
 from models.network import GlobalLocalUNet
 from models.phantom import PHANTOM_LABELS
 from models.sampling import block_mask, make_views
+from trainer.config import TrainConfig
 from trainer.data import labelled_pairs, load_case, load_prepared
-from trainer.train import TrainConfig, pretrain_mae, train_source, view_batches
+from trainer.train import pretrain_mae, train_source, view_batches
 
 
 def _cases(phantom_dir, cfg, labelled=True):
     return [
-        load_case(i, lab if labelled else None, cfg.target_spacing, cfg.normalisation, 3)
+        load_case(
+            i,
+            lab if labelled else None,
+            spacing=cfg.target_spacing,
+            normalisation=cfg.normalisation,
+            n_classes=3,
+        )
         for i, lab in labelled_pairs(phantom_dir / "images", phantom_dir / "labels")
     ]
 
@@ -40,7 +47,7 @@ def test_mae_pretraining_reconstructs_masked_blocks(phantom_dir, tiny_config, tm
     cases = _cases(phantom_dir, cfg, labelled=False)
     torch.manual_seed(cfg.seed)
     before = _masked_error(GlobalLocalUNet(cfg.network), cases, cfg)
-    weights = pretrain_mae(cases, tmp_path, cfg)
+    weights = pretrain_mae(cases, tmp_path, cfg=cfg)
     net = GlobalLocalUNet(cfg.network)
     net.load_state_dict(torch.load(weights, weights_only=True))
     assert _masked_error(net, cases, cfg) < 0.7 * before
@@ -60,14 +67,62 @@ def test_training_resumes_from_its_checkpoint(phantom_dir, tiny_config, tmp_path
         return real_validate(*args)
 
     monkeypatch.setattr(train_module, "validate", interrupted_validate)
+    run = {"work_dir": tmp_path / "w", "out_bundle": tmp_path / "b", "name": "p", "cfg": cfg}
     with pytest.raises(KeyboardInterrupt):
-        train_source(cases[:4], cases[6:], PHANTOM_LABELS, tmp_path / "w", tmp_path / "b", "p", cfg)
+        train_source(cases[:4], cases[6:], PHANTOM_LABELS, **run)
     assert not (tmp_path / "b").exists()
     monkeypatch.setattr(train_module, "validate", real_validate)
-    bundle = train_source(cases[:4], cases[6:], PHANTOM_LABELS, tmp_path / "w", tmp_path / "b", "p", cfg)
+    bundle = train_source(cases[:4], cases[6:], PHANTOM_LABELS, **run)
     steps = [h["step"] for h in json.loads((tmp_path / "w" / "history.json").read_text())]
     assert steps == [2, 4, 6]
     assert bundle.card.training["train_cases"] == [c.case for c in cases[:4]]
+
+
+def test_without_validation_cases_the_bundle_keeps_the_last_weights(phantom_dir, tiny_config, tmp_path):
+    cases = _cases(phantom_dir, tiny_config)
+    cfg = tiny_config.model_copy(update={"steps": 6, "val_every": 2})
+    steps = []
+    bundle = train_source(
+        cases[:4],
+        [],
+        PHANTOM_LABELS,
+        work_dir=tmp_path / "w",
+        out_bundle=tmp_path / "b",
+        name="p",
+        cfg=cfg,
+        progress=lambda step, status: steps.append(step),
+    )
+    assert steps == [0, 1, 2, 3, 4, 5, 6]
+    last = torch.load(tmp_path / "w" / "last.pt", weights_only=False)
+    assert last["step"] == 6
+    shipped = bundle.load_network().state_dict()
+    assert all(torch.equal(shipped[k], v.cpu()) for k, v in last["net"].items())
+    assert not (tmp_path / "w" / "best.pt").exists()
+    assert "dice_mean" not in bundle.card.validation and "no held-out" in bundle.card.validation["split"]
+    assert bundle.card.training["weights"] == "last (step 6)"
+
+
+def test_pretraining_resumes_from_its_checkpoint(phantom_dir, tiny_config, tmp_path):
+    cases = _cases(phantom_dir, tiny_config, labelled=False)
+    cfg = tiny_config.model_copy(update={"steps": 6, "checkpoint_every": 2})
+    seen = []
+
+    def interrupted(step, status):
+        seen.append(step)
+        if step == 3:
+            raise KeyboardInterrupt  # stopped after step 3, with the step-2 checkpoint written
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_mae(cases, tmp_path, cfg=cfg, progress=interrupted)
+    assert torch.load(tmp_path / "mae_last.pt", weights_only=False)["step"] == 2
+    assert not (tmp_path / "mae.pt").exists()
+    seen.clear()
+    weights = pretrain_mae(cases, tmp_path, cfg=cfg, progress=lambda step, status: seen.append(step))
+    assert seen == [2, 3, 4, 5, 6]  # continues from the saved step
+    last = torch.load(tmp_path / "mae_last.pt", weights_only=False)
+    assert last["step"] == 6
+    final = torch.load(weights, weights_only=True)
+    assert all(torch.equal(final[k], v) for k, v in last["net"].items())
 
 
 def test_random_convolution_changes_appearance_not_shape():
@@ -103,7 +158,7 @@ def test_prepared_dataset_keeps_scans_and_labels(phantom_dir, tmp_path):
     shipped = TrainConfig()  # the grid and normalisation `prepare` uses
     loaded = load_prepared(out, shipped.target_spacing, shipped.normalisation)
     direct = [
-        load_case(i, lab, shipped.target_spacing, shipped.normalisation, 3)
+        load_case(i, lab, spacing=shipped.target_spacing, normalisation=shipped.normalisation, n_classes=3)
         for i, lab in labelled_pairs(phantom_dir / "images", phantom_dir / "labels")
     ]
     assert [c.case for c in loaded] == [c.case for c in direct]

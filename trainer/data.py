@@ -49,7 +49,12 @@ def labelled_pairs(images: str | Path, labels: str | Path | None = None) -> list
 
 
 def load_case(
-    image: Path, label: Path | None, spacing, normalisation: Normalisation, n_classes: int | None = None
+    image: Path,
+    label: Path | None,
+    *,
+    spacing: Sequence[float],
+    normalisation: Normalisation,
+    n_classes: int | None = None,
 ) -> TrainingCase:
     """Prepare one case; label maps must share the image's grid and hold only known labels."""
     scan = prepare(read_image(image), case_name(image), spacing, normalisation)

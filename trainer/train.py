@@ -4,59 +4,28 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
-from pydantic import BaseModel
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm import tqdm
 
 from models.bundle import Bundle, ModelCard, save_bundle
+from models.guard import dice_per_class
 from models.inference import predict_volume, torch_predictor
-from models.network import GlobalLocalUNet, NetworkConfig, cosine_consistency
+from models.network import GlobalLocalUNet, cosine_consistency
 from models.postprocessing import LargestComponent
-from models.preprocessing import Normalisation
 from models.sampling import block_mask, make_views
 from trainer.augment import augment, training_augmentation
+from trainer.config import TrainConfig
 from trainer.data import TrainingCase, source_volume_ranges
 
-
-class TrainConfig(BaseModel):
-    """Hyper-parameters of source training and pretraining; the defaults are the shipped settings."""
-
-    target_spacing: tuple[float, float, float] = (1.8, 1.8, 8.0)
-    patch_size: tuple[int, int, int] = (16, 112, 112)
-    network: NetworkConfig = NetworkConfig(channels=(12, 24, 48, 96))
-    normalisation: Normalisation = Normalisation()
-    steps: int = 5000
-    batch_size: int = 8
-    lr: float = 2e-3
-    weight_decay: float = 1e-5
-    foreground_prob: float = 0.7
-    global_weight: float = 0.5
-    cosine_weight: float = 0.1
-    val_every: int = 250
-    mask_ratio: float = 0.7
-    mask_block: tuple[int, int, int] = (2, 16, 16)
-    augment: bool = True
-    random_convolution_prob: float = 0.8
-    histogram_shift_prob: float = 0.0
-    seed: int = 0
-    workers: int = 0
-
-
-def mean_dice(pred: np.ndarray, target: np.ndarray, n_classes: int) -> list[float]:
-    """Dice per foreground class (NaN where the class is absent in both)."""
-    out = []
-    for k in range(1, n_classes):
-        p, t = pred == k, target == k
-        denom = p.sum() + t.sum()
-        out.append(float(2 * np.logical_and(p, t).sum() / denom) if denom else float("nan"))
-    return out
+StepProgress = Callable[[int, str], None]  # (steps done, short status such as the loss)
+LAST, BEST, HISTORY = "last.pt", "best.pt", "history.json"
+MAE_LAST, MAE_WEIGHTS = "mae_last.pt", "mae.pt"
 
 
 def validate(net: GlobalLocalUNet, cases: Sequence[TrainingCase], patch, n_classes: int) -> dict[str, float]:
@@ -64,7 +33,10 @@ def validate(net: GlobalLocalUNet, cases: Sequence[TrainingCase], patch, n_class
     net.eval()
     predict = torch_predictor(net)
     scores = np.array(
-        [mean_dice(predict_volume(c.image, predict, patch).argmax(0), c.labels, n_classes) for c in cases]
+        [
+            dice_per_class(predict_volume(c.image, predict, patch).argmax(0), c.labels, n_classes)
+            for c in cases
+        ]
     )
     per_class = np.nanmean(scores, axis=0)
     net.train()
@@ -74,20 +46,23 @@ def validate(net: GlobalLocalUNet, cases: Sequence[TrainingCase], patch, n_class
     }
 
 
-def _checkpoint(path: Path, net, opt, sched, step: int, best: dict, history: list) -> None:
+def _save(path: Path, state: dict) -> None:
+    """``torch.save`` through a temporary file, so that an interrupted run never leaves half a checkpoint."""
     tmp = path.with_suffix(".tmp")
-    torch.save(
-        {
-            "net": net.state_dict(),
-            "opt": opt.state_dict(),
-            "sched": sched.state_dict(),
-            "step": step,
-            "best": best,
-            "history": history,
-        },
-        tmp,
-    )
+    torch.save(state, tmp)
     tmp.replace(path)
+
+
+def _resume(path: Path, net: torch.nn.Module, opt: torch.optim.Optimizer, sched=None) -> dict:
+    """Restore network, optimiser (and schedule) from a checkpoint; returns the checkpoint, empty when none."""
+    if not path.exists():
+        return {}
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    net.load_state_dict(ckpt["net"])
+    opt.load_state_dict(ckpt["opt"])
+    if sched is not None:
+        sched.load_state_dict(ckpt["sched"])
+    return ckpt
 
 
 class ViewStream(IterableDataset):
@@ -115,7 +90,13 @@ class ViewStream(IterableDataset):
                     im, lab = augment(aug, im, lab)
                 imgs.append(im)
                 labs.append(lab)
-            yield make_views(imgs, cfg.patch_size, rng, labs if self.labelled else None, cfg.foreground_prob)
+            yield make_views(
+                imgs,
+                cfg.patch_size,
+                rng,
+                labels=labs if self.labelled else None,
+                foreground_prob=cfg.foreground_prob,
+            )
 
 
 def view_batches(cases: Sequence[TrainingCase], cfg: TrainConfig, labelled: bool, start_step: int = 0):
@@ -133,6 +114,7 @@ def train_source(
     train_cases: Sequence[TrainingCase],
     val_cases: Sequence[TrainingCase],
     labels: dict[int, str],
+    *,
     work_dir: str | Path,
     out_bundle: str | Path,
     name: str,
@@ -142,12 +124,16 @@ def train_source(
     version: str = "1",
     device: str = "cpu",
     largest_component: LargestComponent = LargestComponent.off,
+    progress: StepProgress | None = None,
 ) -> Bundle:
-    """Supervised training on labelled source cases; keeps the best validation Dice and writes a bundle.
+    """Supervised training on labelled source cases; writes a bundle and resumes from ``work_dir``.
 
-    ``largest_component`` goes to the card: the clean-up the anatomy allows (``foreground`` for one heart).
+    With validation cases the bundle keeps the weights of the best validation Dice; without any it keeps the last
+    step's weights and its card says so. ``largest_component`` goes to the card: the clean-up the anatomy allows
+    (``foreground`` for one heart). ``progress`` hears the steps done after every step.
     """
     cfg = cfg or TrainConfig()
+    progress = progress or (lambda step, status: None)
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -163,18 +149,12 @@ def train_source(
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    step, best, history = 0, {"dice_mean": -1.0}, []
-    last = work / "last.pt"
-    if last.exists():
-        ckpt = torch.load(last, map_location="cpu", weights_only=False)
-        net.load_state_dict(ckpt["net"])
-        opt.load_state_dict(ckpt["opt"])
-        sched.load_state_dict(ckpt["sched"])
-        step, best, history = ckpt["step"], ckpt["best"], ckpt["history"]
+    ckpt = _resume(work / LAST, net, opt, sched)
+    step, best, history = ckpt.get("step", 0), ckpt.get("best", {"dice_mean": -1.0}), ckpt.get("history", [])
     net.train()
     start = time.perf_counter()
     batches = view_batches(train_cases, cfg, labelled=True, start_step=step)
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {name}", unit="step")
+    progress(step, "resumed" if step else "")
     while step < cfg.steps:
         v = next(batches).to(device)
         out = net(v.local, v.global_view, v.box)
@@ -186,20 +166,25 @@ def train_source(
         opt.step()
         sched.step()
         step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.3f}", best=f"{best['dice_mean']:.3f}")
         if step % cfg.val_every == 0 or step == cfg.steps:
-            metrics = (
-                validate(net, val_cases, cfg.patch_size, len(labels)) if val_cases else {"dice_mean": 0.0}
-            )
-            history.append({"step": step, "loss": float(loss), **metrics})
-            if metrics["dice_mean"] > best["dice_mean"]:
-                best = {"step": step, **metrics}
-                torch.save(net.state_dict(), work / "best.pt")
-            _checkpoint(last, net, opt, sched, step, best, history)
-            (work / "history.json").write_text(json.dumps(history, indent=2))
-    bar.close()
-    net.cpu().load_state_dict(torch.load(work / "best.pt", map_location="cpu", weights_only=True))
+            entry = {"step": step, "loss": float(loss)}
+            if val_cases:
+                entry |= validate(net, val_cases, cfg.patch_size, len(labels))
+                if entry["dice_mean"] > best["dice_mean"]:
+                    best = {k: v for k, v in entry.items() if k != "loss"}
+                    torch.save(net.state_dict(), work / BEST)
+            history.append(entry)
+            state = {"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
+            _save(work / LAST, {**state, "step": step, "best": best, "history": history})
+            (work / HISTORY).write_text(json.dumps(history, indent=2))
+        status = f"loss {float(loss):.3f}" + (f", best Dice {best['dice_mean']:.3f}" if val_cases else "")
+        progress(step, status)
+    net.cpu()
+    if val_cases:
+        net.load_state_dict(torch.load(work / BEST, map_location="cpu", weights_only=True))
+        validation = {"split": "held-out source cases, model grid", **best}
+    else:
+        validation = {"split": "none: no held-out cases, the bundle holds the last step's weights"}
     card = ModelCard(
         name=name,
         version=version,
@@ -213,12 +198,13 @@ def train_source(
             **(training_summary or {}),
             "train_cases": [c.case for c in train_cases],
             "val_cases": [c.case for c in val_cases],
+            "weights": f"best validation Dice (step {best['step']})" if val_cases else f"last (step {step})",
             "config": cfg.model_dump(mode="json"),
             "pretrained_from": str(init_weights) if init_weights else None,
             "seconds": round(time.perf_counter() - start, 1),
             "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
         },
-        validation={"split": "held-out source cases, model grid", **best},
+        validation=validation,
         label_volumes_ml=source_volume_ranges(train_cases, labels, cfg.target_spacing),
         largest_component=largest_component,
     )
@@ -226,19 +212,34 @@ def train_source(
 
 
 def pretrain_mae(
-    cases: Sequence[TrainingCase], work_dir: str | Path, cfg: TrainConfig | None = None, device: str = "cpu"
+    cases: Sequence[TrainingCase],
+    work_dir: str | Path,
+    *,
+    cfg: TrainConfig | None = None,
+    device: str = "cpu",
+    progress: StepProgress | None = None,
 ) -> Path:
-    """Multi-scale masked-autoencoder pretraining: reconstruct masked 3D blocks of the local and global views."""
+    """Multi-scale masked-autoencoder pretraining: reconstruct masked 3D blocks of the local and global views.
+
+    Checkpoints into ``work_dir`` every ``cfg.checkpoint_every`` steps and resumes from there; returns the path of
+    the network weights (``mae.pt``). ``progress`` hears the steps done after every step.
+    """
     cfg = cfg or TrainConfig()
+    progress = progress or (lambda step, status: None)
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     net = GlobalLocalUNet(cfg.network).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    batches = view_batches(cases, cfg, labelled=False)
+    ckpt = _resume(work / MAE_LAST, net, opt)
+    step = ckpt.get("step", 0)
+    if ckpt:
+        gen.set_state(ckpt["mask_generator"])
+    batches = view_batches(cases, cfg, labelled=False, start_step=step)
     net.train()
-    for step in tqdm(range(cfg.steps), desc="pretrain (MAE)", unit="step"):
+    progress(step, "resumed" if step else "")
+    while step < cfg.steps:
         v = next(batches)
         m_l = block_mask(v.local.shape, cfg.mask_block, cfg.mask_ratio, gen)
         m_g = block_mask(v.global_view.shape, cfg.mask_block, cfg.mask_ratio, gen)
@@ -252,6 +253,10 @@ def pretrain_mae(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if (step + 1) % 100 == 0 or step + 1 == cfg.steps:
-            torch.save(net.state_dict(), work / "mae.pt")
-    return work / "mae.pt"
+        step += 1
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            state = {"net": net.state_dict(), "opt": opt.state_dict(), "mask_generator": gen.get_state()}
+            _save(work / MAE_LAST, {**state, "step": step})
+        progress(step, f"loss {float(loss):.4f}")
+    _save(work / MAE_WEIGHTS, net.state_dict())
+    return work / MAE_WEIGHTS

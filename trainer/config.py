@@ -1,0 +1,35 @@
+"""Hyper-parameters of source training and pretraining, without torch: the CLI reads its defaults from here."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from models.network_config import NetworkConfig
+from models.preprocessing import Normalisation
+
+PRETRAIN_STEPS = 500  # the shipped masked-autoencoder pretraining length
+
+
+class TrainConfig(BaseModel):
+    """Hyper-parameters of source training and pretraining; the defaults are the shipped settings."""
+
+    target_spacing: tuple[float, float, float] = (1.8, 1.8, 8.0)
+    patch_size: tuple[int, int, int] = (16, 112, 112)
+    network: NetworkConfig = NetworkConfig(channels=(12, 24, 48, 96))
+    normalisation: Normalisation = Normalisation()
+    steps: int = 5000
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    foreground_prob: float = 0.7
+    global_weight: float = 0.5
+    cosine_weight: float = 0.1
+    val_every: int = 250  # source training: steps between validations, each followed by a checkpoint
+    checkpoint_every: int = 100  # pretraining: steps between checkpoints
+    mask_ratio: float = 0.7
+    mask_block: tuple[int, int, int] = (2, 16, 16)
+    augment: bool = True
+    random_convolution_prob: float = 0.8
+    histogram_shift_prob: float = 0.0
+    seed: int = 0
+    workers: int = 0
