@@ -28,6 +28,7 @@ from service.config import Settings
 from service.db import Database, migrate
 from service.deps import AppState, authenticate
 from service.errors import ApiError, sanitise, validation_text
+from service.health import worker_timeout
 from service.metrics import Metrics
 from service.schemas import PATTERN_HINTS
 from service.storage import get_storage
@@ -48,7 +49,7 @@ def _app_state(settings: Settings) -> AppState:
         storage=get_storage(settings.resolved_storage_dir),
         keys=keys,
         celery=make_celery(settings),
-        metrics=Metrics(db, worker_fresh_seconds=2 * settings.heartbeat_interval + 5),
+        metrics=Metrics(db, worker_fresh_seconds=worker_timeout(settings)),
         checks=ThreadPoolExecutor(max_workers=4, thread_name_prefix="readyz"),
     )
 

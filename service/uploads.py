@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 import stat
@@ -10,6 +9,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from models.checksums import series_sha256, sha256_file
 from service.errors import ApiError
 from service.multipart import FILE_FIELD, UploadedFile
 
@@ -63,20 +63,6 @@ def sniff(path: Path, filename: str) -> str | None:
     if len(head) >= 132 and head[128:132] == b"DICM":
         return "dicom"
     return None
-
-
-def _combined_digest(digests: list[str]) -> str:
-    return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
-
-
-def _file_digest(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("rb") as fh:
-        while chunk := fh.read(1024 * 1024):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
 
 
 def _unique(name: str, taken: set[str]) -> str:
@@ -146,10 +132,9 @@ def _image_scan(
     target = staging / "scans" / f"{scan_name}{suffix}"
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(src, target)
+    size = target.stat().st_size
     if digest is None:
-        size, digest = _file_digest(target)
-    else:
-        size = target.stat().st_size
+        digest = sha256_file(target)
     return StagedScan(scan_name, kind, target, size, digest, 1)
 
 
@@ -162,10 +147,9 @@ def _dicom_scan(name: str, files: list[Path], staging: Path, taken: set[str]) ->
     for n, src in enumerate(files):
         target = folder / f"{n:05d}.dcm"
         shutil.move(src, target)
-        file_size, digest = _file_digest(target)
-        digests.append(digest)
-        size += file_size
-    return StagedScan(scan_name, "dicom", folder, size, _combined_digest(digests), len(files))
+        digests.append(sha256_file(target))
+        size += target.stat().st_size
+    return StagedScan(scan_name, "dicom", folder, size, series_sha256(digests), len(files))
 
 
 def _zip_scans(upload: UploadedFile, staging: Path, budget: list[int], taken: set[str]) -> list[StagedScan]:
