@@ -60,7 +60,8 @@ class Settings(BaseSettings):
         None, description="Torch device of a worker; default `cuda` if available, else `cpu`."
     )
     bundles: Path | None = Field(
-        None, description="Bundle root (also read by the ML core); default the repository's `bundles/`."
+        None,
+        description="Bundle root of API and workers (the CLI reads the same variable); default the repository's `bundles/`.",
     )
 
     api_keys: str = Field("", description="Comma-separated `client_id:sha256hex` pairs of accepted API keys.")

@@ -9,6 +9,7 @@ headers above :data:`MAX_HEADER_BYTES` and for malformed or truncated bodies.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,8 @@ MAX_HEADER_BYTES = 16 * 1024
 MAX_PARTS = 10_000
 MAX_BOUNDARY = 200  # RFC 2046 says 70, but Orthanc's STOW-RS client sends 73 characters
 FILE_FIELD = "files"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -191,6 +194,7 @@ async def read_parts(
     except python_multipart.exceptions.FormParserError as exc:
         raise ApiError(400, f"malformed multipart body: {str(exc)[:200]}") from None
     except ClientDisconnect:
+        log.info("client disconnected before the %s was complete", what)
         raise ApiError(400, "the client disconnected before the body was complete") from None
     finally:
         collector.close()
