@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     )
     bundles: Path | None = Field(
         None,
-        description="Bundle root of API and workers (the CLI reads the same variable); default the repository's `bundles/`.",
+        description="Bundle root of API and workers (and the CLI); default the repository's `bundles/`.",
     )
 
     api_keys: str = Field("", description="Comma-separated `client_id:sha256hex` pairs of accepted API keys.")

@@ -74,7 +74,9 @@ SUBMISSION_ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 class ScanOut(BaseModel):
-    """Status and results of one scan of a job."""
+    """Status and results of one scan of a job (read from the scan record's attributes)."""
+
+    model_config = ConfigDict(from_attributes=True)
 
     name: str
     kind: str = Field(description="nifti, nrrd, mha or dicom")

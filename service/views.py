@@ -43,22 +43,9 @@ def scan_links(job: Job, scan: Scan) -> dict[str, str]:
 
 def scan_out(job: Job, scan: Scan) -> ScanOut:
     """Public view of one scan of a job."""
-    return ScanOut(
-        name=scan.name,
-        kind=scan.kind,
-        state=ScanState(scan.state),
-        input_bytes=scan.input_bytes,
-        sha256=scan.sha256,
-        files=scan.files,
-        size=scan.size,
-        spacing=scan.spacing,
-        volumes_ml=scan.volumes_ml,
-        quality=scan.quality,
-        fallback=scan.fallback,
-        fallback_reason=scan.fallback_reason,
-        seconds=scan.seconds,
-        links=scan_links(job, scan),
-    )
+    out = ScanOut.model_validate(scan)
+    out.links = scan_links(job, scan)
+    return out
 
 
 def job_out(job: Job) -> JobOut:
