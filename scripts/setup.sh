@@ -22,8 +22,6 @@ fi
 EXTRA=dev
 [[ ${TTASEG_GPU:-0} == 1 ]] && EXTRA=gpu,dev
 .venv/bin/pip install -q -e ".[$EXTRA]"
-# browser tests drive Debian's Chromium (never a downloaded browser build)
-.venv/bin/pip install -q "playwright>=1.45"
 if command -v npm >/dev/null; then
   (cd service/web && npm ci --no-audit --no-fund --loglevel=error >/dev/null && npm run --silent build)
 else
