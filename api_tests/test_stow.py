@@ -207,7 +207,11 @@ def test_client_gone_mid_body_is_a_bad_request(tmp_path: Path) -> None:
         raise ClientDisconnect
 
     with pytest.raises(ApiError) as refused:
-        asyncio.run(read_parts("multipart/related; boundary=x", vanishing(), tmp_path, MB, lambda part: True))
+        asyncio.run(
+            read_parts(
+                "multipart/related; boundary=x", vanishing(), tmp_path, max_bytes=MB, start=lambda part: True
+            )
+        )
     assert refused.value.status_code == 400 and "disconnected" in refused.value.detail
 
 

@@ -111,7 +111,9 @@ def _adapt_run(
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    result = adapt(net, volumes, card["patch_size"], method, last, config, snapshot_steps=checkpoints)
+    result = adapt(
+        net, volumes, card["patch_size"], method=method, steps=last, cfg=config, snapshot_steps=checkpoints
+    )
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

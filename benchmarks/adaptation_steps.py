@@ -83,7 +83,7 @@ def main() -> None:
     for method in args.methods:
         start = time.perf_counter()
         result = adapt(
-            net, [s.array for s in scans], bundle.card.patch_size, method, last, config,
+            net, [s.array for s in scans], bundle.card.patch_size, method=method, steps=last, cfg=config,
             snapshot_steps=args.checkpoints,
         )  # fmt: skip
         curve = {}

@@ -384,11 +384,11 @@ def adapt(
     net: GlobalLocalUNet,
     volumes: Sequence[np.ndarray],
     patch: Sequence[int],
+    *,
     method: Method | str = Method.MPL,
     steps: int | None = None,
     cfg: AdaptConfig | None = None,
     progress: Progress | None = None,
-    *,
     snapshot_steps: Sequence[int] = (),
 ) -> AdaptResult:
     """Adapt a copy of ``net`` to the normalised target ``volumes`` (model grid, (z, y, x)) without labels.

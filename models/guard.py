@@ -35,6 +35,7 @@ def volume_ranges(label_maps: Iterable[np.ndarray], names: dict[int, str], voxel
 def implausible_change(
     source: dict[str, float],
     adapted: dict[str, float],
+    *,
     cfg: GuardConfig | None = None,
     connectedness: tuple[float, float] | None = None,
     source_ranges: VolumeRanges | None = None,

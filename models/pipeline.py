@@ -141,10 +141,10 @@ def segment_batch(
                 net,
                 [s.array for s in scans],
                 patch,
-                method,
-                steps,
-                adapt_config,
-                lambda p: progress(Phase.ADAPTING, p),
+                method=method,
+                steps=steps,
+                cfg=adapt_config,
+                progress=lambda p: progress(Phase.ADAPTING, p),
             )
             predictor = onnx_predictor(
                 onnx_session(export_onnx(adapted.net, patch, Path(tmp) / "a.onnx"), device)
@@ -206,7 +206,11 @@ def _segment_one(
         labels, connectedness = _to_labels(probs, largest_component)
         volumes = structure_volumes(labels, names, scan.voxel_ml)
         fallback_reason = implausible_change(
-            src_volumes, volumes, guard_config, (src_connectedness, connectedness), source_ranges
+            src_volumes,
+            volumes,
+            cfg=guard_config,
+            connectedness=(src_connectedness, connectedness),
+            source_ranges=source_ranges,
         )
         if fallback_reason:
             probs, labels, volumes, connectedness = src_probs, src_labels, src_volumes, src_connectedness

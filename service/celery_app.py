@@ -7,7 +7,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
-from service.config import Settings, get_settings
+from service.config import Settings
 
 RUN_JOB_TASK = "ttaseg.run_job"
 QUEUES = ("cpu", "gpu")
@@ -39,9 +39,8 @@ def broker_transport_options(settings: Settings) -> dict[str, object]:
     return options
 
 
-def make_celery(settings: Settings | None = None) -> Celery:
+def make_celery(settings: Settings) -> Celery:
     """A Celery app configured for durable, one-at-a-time job execution."""
-    settings = settings or get_settings()
     app = Celery("ttaseg")
     queues = {settings.job_queue, *QUEUES}
     app.conf.update(

@@ -156,6 +156,7 @@ async def read_parts(
     content_type: str,
     stream: AsyncIterator[bytes],
     staging: Path,
+    *,
     max_bytes: int,
     start: PartStart,
     end: PartEnd = lambda part: None,
@@ -267,5 +268,7 @@ async def parse_multipart(
     for misplaced files or repeated fields).
     """
     rules = _FormRules()
-    await read_parts(content_type, stream, staging, max_bytes, rules.start, rules.end, what="upload")
+    await read_parts(
+        content_type, stream, staging, max_bytes=max_bytes, start=rules.start, end=rules.end, what="upload"
+    )
     return rules.form

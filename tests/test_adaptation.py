@@ -56,12 +56,12 @@ def test_every_method_runs_and_never_reads_labels(tiny_bundle, shifted, tmp_path
     monkeypatch.setattr(sitk, "ReadImage", lambda p, *a: opened.append(str(p)) or real_read(p, *a))
     net = tiny_bundle.load_network()
     for method in Method:
-        result = adapt(net, volumes, tiny_bundle.card.patch_size, method, steps=3, cfg=FAST)
+        result = adapt(net, volumes, tiny_bundle.card.patch_size, method=method, steps=3, cfg=FAST)
         assert result.method == method
         assert result.steps_run == (3 if method.takes_steps else 0)
     assert not any("labels" in p for p in opened)
     with pytest.raises(ValueError, match="unknown adaptation method"):
-        adapt(net, volumes, tiny_bundle.card.patch_size, "magic")
+        adapt(net, volumes, tiny_bundle.card.patch_size, method="magic")
 
 
 def test_guard_falls_back_when_adaptation_collapses(tiny_bundle, shifted, tmp_path, monkeypatch):

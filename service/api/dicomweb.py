@@ -51,8 +51,8 @@ async def _receive(request: Request, state: AppState, client: Client) -> tuple[D
             content_type,
             request.stream(),
             staging,
-            settings.max_upload_bytes,
-            dicomweb.spool_stow_part,
+            max_bytes=settings.max_upload_bytes,
+            start=dicomweb.spool_stow_part,
             what="STOW-RS request",
         )
         answer = await run_in_threadpool(

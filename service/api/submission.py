@@ -146,6 +146,7 @@ def record_job(
     client: Client,
     bundle: Bundle,
     options: JobOptions,
+    *,
     scans: list[StagedScan],
     **extra: Any,
 ) -> Recorded:
@@ -178,7 +179,7 @@ async def submit_upload(request: Request, state: AppState, client: Client, conte
         options = parse_options(JobOptions, form.fields, settings.max_steps)
         bundle = await run_in_threadpool(resolve_model, settings.bundles, options.model)
         scans = await run_in_threadpool(stage_scans, form.files, staging, settings)
-        return await run_in_threadpool(record_job, state, client, bundle, options, scans)
+        return await run_in_threadpool(record_job, state, client, bundle, options, scans=scans)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -207,7 +208,7 @@ async def submit_study(request: Request, state: AppState, client: Client) -> Rec
         client,
         bundle,
         study,
-        [],
+        scans=[],
         source=JobSource.DICOMWEB.value,
         study_uid=study.study_uid,
     )
