@@ -148,7 +148,9 @@ def test_snapshots_follow_the_adapted_weights(tiny_bundle, shifted):
 
     volumes = [s.array for s in load_scans([img for img, _ in shifted], tiny_bundle, None)]
     net = tiny_bundle.load_network()
-    result = adapt(net, volumes, tiny_bundle.card.patch_size, "mpl", 4, FAST, snapshot_steps=(0, 2, 4))
+    result = adapt(
+        net, volumes, tiny_bundle.card.patch_size, method="mpl", steps=4, cfg=FAST, snapshot_steps=(0, 2, 4)
+    )
     assert sorted(result.snapshots) == [0, 2, 4]
     head = "head.conv.conv.weight"
     assert torch.equal(result.snapshots[0][head], net.state_dict()[head])
@@ -198,7 +200,7 @@ def test_adaptation_core_needs_no_imaging_stack():
         "from models.network import GlobalLocalUNet, NetworkConfig\n"
         f"net = GlobalLocalUNet(NetworkConfig.model_validate_json({PHANTOM_NETWORK.model_dump_json()!r}))\n"
         "vol = np.random.default_rng(0).normal(size=(12, 40, 40)).astype(np.float32)\n"
-        f"r = adapt(net, [vol], {tuple(PHANTOM_PATCH)!r}, 'mpl', 2)\n"
+        f"r = adapt(net, [vol], {tuple(PHANTOM_PATCH)!r}, method='mpl', steps=2)\n"
         "assert r.steps_run == 2\n"
         "import benchmarks.adaptation_offload\n"
     )
@@ -246,10 +248,10 @@ def test_mpl_restarts_from_the_source_with_the_next_seed_after_a_collapse(tiny_b
         net,
         volumes,
         tiny_bundle.card.patch_size,
-        "mpl",
-        3,
-        FAST.model_copy(update={"seed": 5}),
-        reported.append,
+        method="mpl",
+        steps=3,
+        cfg=FAST.model_copy(update={"seed": 5}),
+        progress=reported.append,
     )
     assert seeds == [5, 6] and result.restarts == 1 and result.collapsed == []
     assert reported[-1] == 100.0 and max(reported[:-1]) < 100.0  # done once, after the restart
@@ -257,11 +259,23 @@ def test_mpl_restarts_from_the_source_with_the_next_seed_after_a_collapse(tiny_b
     seeds.clear()
     monkeypatch.setattr(adaptation, "collapsed_structures", lambda *a: [2])
     result = adapt(
-        net, volumes, tiny_bundle.card.patch_size, "mpl", 3, FAST.model_copy(update={"restarts": 2})
+        net,
+        volumes,
+        tiny_bundle.card.patch_size,
+        method="mpl",
+        steps=3,
+        cfg=FAST.model_copy(update={"restarts": 2}),
     )
     assert seeds == [0, 1, 2] and result.restarts == 2 and result.collapsed == [2]
     seeds.clear()
-    adapt(net, volumes, tiny_bundle.card.patch_size, "mpl", 3, FAST.model_copy(update={"restarts": 0}))
+    adapt(
+        net,
+        volumes,
+        tiny_bundle.card.patch_size,
+        method="mpl",
+        steps=3,
+        cfg=FAST.model_copy(update={"restarts": 0}),
+    )
     assert seeds == [0]
 
 
