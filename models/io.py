@@ -305,7 +305,7 @@ def _mha_layout(path: Path, name: str) -> _Layout:
     for line, pos in _header_lines(path, name):
         if not line.strip():
             continue
-        match = re.fullmatch(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*", line)
+        match = re.fullmatch(r"\s*([A-Za-z_][A-Za-z0-9_\[\]]*)\s*=\s*(.*?)\s*", line)  # dim[0]: ITK metadata
         if match is None:
             raise InputError(f"{name}: unreadable MetaImage header line")
         key, value = match.groups()

@@ -308,3 +308,13 @@ def test_dicom_series_reads_only_its_own_regular_files(tmp_path):
     (tmp_path / "series" / "link.dcm").unlink()
     (tmp_path / "series" / "sub").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     assert "symbolic link" in _refusal(tmp_path, check_image, tmp_path / "series")
+
+
+def test_metaimage_with_itk_metadata_keys_is_accepted(tmp_path):
+    """SimpleITK saves a NIfTI's header fields as MetaImage keys such as ``dim[0]``: such a file is a real scan."""
+    image = sitk.GetImageFromArray(np.arange(8 * 16 * 16, dtype=np.float32).reshape(8, 16, 16))
+    sitk.WriteImage(image, str(tmp_path / "scan.nii.gz"))
+    sitk.WriteImage(sitk.ReadImage(str(tmp_path / "scan.nii.gz")), str(tmp_path / "scan.mha"))
+    assert b"dim[0]" in (tmp_path / "scan.mha").read_bytes()[:2000]
+    assert check_image(tmp_path / "scan.mha").size == (16, 16, 8)
+    assert read_image(tmp_path / "scan.mha").GetSize() == (16, 16, 8)
