@@ -91,8 +91,8 @@ def _record(state: AppState, job: Job, scan: Scan) -> dict[str, Any]:
 def _result_file(state: AppState, job: Job, scan: Scan, field: str, suffix: str) -> FileResponse:
     """The file the scan's record names in ``field``, stored beside its label map (409 when it has none)."""
     name = _record(state, job, scan).get(field)
-    key = f"{scan.label_key.rsplit('/', 1)[0]}/{name}" if isinstance(name, str) else None
-    if key is None or "/" in name or not state.storage.exists(key):
+    key = f"{scan.label_key.rsplit('/', 1)[0]}/{name}" if isinstance(name, str) and "/" not in name else None
+    if key is None or not state.storage.exists(key):
         raise ApiError(409, f"scan {scan.name!r} has no {suffix} map")
     return FileResponse(
         state.storage.local_path(key), media_type="application/gzip", filename=f"{scan.name}_{suffix}.nii.gz"
@@ -103,7 +103,11 @@ def _result_file(state: AppState, job: Job, scan: Scan, field: str, suffix: str)
     "/v1/jobs/{job_id}/scans/{scan}/source-segmentation",
     summary="The source (unadapted) model's label map of a scan, NIfTI on the input grid, for comparison",
     response_class=FileResponse,
-    responses={**ERRORS, **NIFTI_GZ},
+    responses={
+        **ERRORS,
+        **NIFTI_GZ,
+        409: {"model": Error, "description": "A `none` job (no adaptation), or the scan has no results yet."},
+    },
 )
 def get_source_segmentation(job_id: str, scan: str, state: State, client: Caller) -> FileResponse:
     """What the model as trained predicted; 409 for ``none`` jobs, whose label map is the source model's."""
@@ -117,7 +121,11 @@ def get_source_segmentation(job_id: str, scan: str, state: State, client: Caller
     "/v1/jobs/{job_id}/scans/{scan}/uncertainty",
     summary="Voxel-wise uncertainty of a scan's label map (normalised entropy, 0-1), NIfTI on the input grid",
     response_class=FileResponse,
-    responses={**ERRORS, **NIFTI_GZ},
+    responses={
+        **ERRORS,
+        **NIFTI_GZ,
+        409: {"model": Error, "description": "The scan has no results yet, or no uncertainty map."},
+    },
 )
 def get_uncertainty(job_id: str, scan: str, state: State, client: Caller) -> FileResponse:
     """Entropy of the class probabilities behind the label map, 0 (certain) to 1 (uniform), as float32."""
