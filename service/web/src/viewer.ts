@@ -142,8 +142,10 @@ export async function createViewer(
     nv.addVolume(labelMap);
     // the shown label map is always the top layer; the heat map, once loaded, sits just above the scan
     let shown = labelMap;
-    let sourceMap: NVImage | null = null;
+    // optional layers load once, on first use; the controls' state decides what is drawn once they arrive
+    let sourceMap: Promise<NVImage> | null = null;
     let heatMap: NVImage | null = null;
+    let heatLoad: Promise<NVImage> | null = null;
     const showOpacity = () => nv.setOpacity(nv.volumes.indexOf(shown), Number(opacity.value) / 100);
     const heatOpacityNow = () => {
       if (heatMap) nv.setOpacity(nv.volumes.indexOf(heatMap), heatToggle.checked ? Number(heatOpacity.value) / 100 : 0);
@@ -161,12 +163,13 @@ export async function createViewer(
       nv.drawScene();
     }
     opacity.addEventListener("input", showOpacity);
-    model.addEventListener("change", async (event) => {
-      const choice = (event.target as HTMLInputElement).value;
+    const chosenModel = () => model.querySelector<HTMLInputElement>("input:checked")!.value;
+    model.addEventListener("change", async () => {
       model.setAttribute("aria-busy", "true");
       try {
-        if (choice === "source" && !sourceMap) sourceMap = await loadNifti(links.source_segmentation, "source");
-        const next = choice === "source" ? sourceMap! : labelMap;
+        if (chosenModel() === "source") sourceMap ??= loadNifti(links.source_segmentation, "source");
+        const source = sourceMap && (await sourceMap);
+        const next = chosenModel() === "source" && source ? source : labelMap;
         if (next !== shown) {
           nv.removeVolume(shown);
           shown = next;
@@ -174,8 +177,10 @@ export async function createViewer(
           recolour();
           showOpacity();
         }
-        element.dataset.model = choice;
+        element.dataset.model = next === labelMap ? "adapted" : "source";
       } catch (error) {
+        sourceMap = null;
+        model.querySelector<HTMLInputElement>("#model-adapted")!.checked = true;
         status.textContent = `The source model's label map could not be loaded: ${(error as Error).message}`;
       } finally {
         model.removeAttribute("aria-busy");
@@ -183,14 +188,15 @@ export async function createViewer(
     });
     const showHeat = async () => {
       try {
-        if (heatToggle.checked && !heatMap) {
-          heatMap = await loadNifti(links.uncertainty, "uncertainty");
-          heatMap.colormap = HEAT_MAP;
-          heatMap.cal_min = HEAT_MIN;
-          heatMap.cal_max = 1;
-          nv.addVolume(heatMap);
-          nv.setVolume(heatMap, 1);
-        }
+        if (heatToggle.checked)
+          heatMap = await (heatLoad ??= loadNifti(links.uncertainty, "uncertainty").then((map) => {
+            map.colormap = HEAT_MAP;
+            map.cal_min = HEAT_MIN;
+            map.cal_max = 1;
+            nv.addVolume(map);
+            nv.setVolume(map, 1);
+            return map;
+          }));
         heatOpacityNow();
         element.dataset.uncertainty = heatToggle.checked ? "shown" : "hidden";
       } catch (error) {
