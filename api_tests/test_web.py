@@ -12,6 +12,8 @@ import pytest
 from conftest import REPO, TOKENS
 from PIL import Image
 
+from models.phantom import PHANTOM_LABELS
+
 CHROMIUM = Path("/usr/bin/chromium")
 LGE_SCAN = "cardiac/mscmr_lge/images/subject29_lge.nii.gz"  # the bSSFP model segments it without adaptation
 # colours of labels 1-3 (service/web/src/colours.ts)
@@ -64,10 +66,37 @@ def colour_counts(png: bytes, tiles: int = 1) -> list[dict[int, int]]:
     ]
 
 
-def set_opacity(page, percent: int) -> None:
-    page.locator("#overlay-opacity").evaluate(
+def heat_pixels(png: bytes) -> int:
+    """Pixels of the uncertainty heat map's colours (red to yellow; the scan itself is grey)."""
+    r, g, b = np.moveaxis(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int), -1, 0)
+    return int(((r >= 120) & (r - b >= 100) & (r >= g)).sum())
+
+
+def set_opacity(page, percent: int, slider: str = "overlay-opacity") -> None:
+    page.locator(f"#{slider}").evaluate(
         "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }", percent
     )
+
+
+def read_nifti(data: bytes, folder: Path):
+    """A downloaded NIfTI as a SimpleITK image."""
+    import SimpleITK as sitk
+
+    path = folder / f"{len(list(folder.iterdir()))}.nii.gz"
+    path.write_bytes(data)
+    return sitk.ReadImage(str(path))
+
+
+@pytest.fixture(scope="module")
+def adapted_job(stack, scan_dir) -> dict:
+    """A finished two-step ``tent`` job on a phantom: it has a source model label map besides its own."""
+    response = stack.submit(
+        [sorted(scan_dir.glob("*.nii.gz"))[2]], model="phantom", adaptation="tent", steps=2
+    )
+    assert response.status_code == 202, response.text
+    job = stack.wait_job(response.json()["id"])
+    assert job["state"] == "succeeded", job
+    return job
 
 
 def test_sign_in_upload_and_view_a_real_scan(page, stack, data_root, tmp_path):
@@ -113,6 +142,22 @@ def test_sign_in_upload_and_view_a_real_scan(page, stack, data_root, tmp_path):
     (hidden,) = colour_counts(canvas.screenshot())
     assert hidden[2] < drawn[2] / 20 and hidden[1] > 40 and hidden[3] > 40, (drawn, hidden)
 
+    # `none` has no other label map to show; the uncertainty heat map draws over the scan
+    assert page.get_by_label("Source model").is_disabled()
+    page.get_by_text("This job did not adapt").wait_for()
+    set_opacity(page, 0)
+    page.wait_for_timeout(300)
+    grey = heat_pixels(canvas.screenshot())
+    page.get_by_label("Show as heat map").check()
+    page.locator(".viewer[data-uncertainty='shown']").wait_for()
+    set_opacity(page, 100, "uncertainty-opacity")
+    page.wait_for_timeout(300)
+    heat = heat_pixels(canvas.screenshot())
+    assert heat > max(200, 10 * grey), (grey, heat)
+    page.get_by_label("Show as heat map").uncheck()
+    page.wait_for_timeout(300)
+    assert heat_pixels(canvas.screenshot()) < heat / 10
+
     with page.expect_download() as download:
         page.get_by_role("button", name="Label map (NIfTI)").click()
     assert Path(download.value.path()).read_bytes() == label_bytes
@@ -120,6 +165,42 @@ def test_sign_in_upload_and_view_a_real_scan(page, stack, data_root, tmp_path):
     page.get_by_role("link", name="← All jobs").click()
     row = page.locator("#jobs tr", has=page.get_by_role("link", name=job_id[:8]))
     row.get_by_text("succeeded").wait_for()
+
+
+def test_switch_between_the_adapted_and_the_source_label_map(page, stack, adapted_job):
+    """The viewer swaps the drawn label map for the source model's and back."""
+    import SimpleITK as sitk
+
+    scan = adapted_job["scans"][0]["name"]
+    results = stack.root / "data" / "storage" / "jobs" / adapted_job["id"] / "results"
+    # a source label map that surely differs from the adapted one: a central box of its rarest label
+    adapted = sitk.ReadImage(str(results / f"{scan}.nii.gz"))
+    labels = sitk.GetArrayFromImage(adapted)
+    box = tuple(slice(n // 5, n - n // 5) for n in labels.shape)
+    rare = min((k for k in PHANTOM_LABELS if k), key=lambda k: int((labels[box] == k).sum()))
+    source = np.zeros_like(labels)
+    source[box] = rare
+    image = sitk.GetImageFromArray(source)
+    image.CopyInformation(adapted)
+    sitk.WriteImage(image, str(results / f"{scan}_source.nii.gz"))
+
+    sign_in(page)
+    page.goto(f"/ui/#/jobs/{adapted_job['id']}/{scan}")
+    page.locator(".viewer[data-ready='true']").wait_for()
+    canvas = page.locator("#viewer-canvas")
+    set_opacity(page, 100)
+    page.wait_for_timeout(300)
+    (own,) = colour_counts(canvas.screenshot())
+    page.get_by_label("Source model").check()
+    page.locator(".viewer[data-model='source']").wait_for()
+    page.wait_for_timeout(300)
+    (other,) = colour_counts(canvas.screenshot())
+    assert other[rare] > max(500, 3 * own[rare]), (rare, own, other)
+    page.get_by_label("Adapted model").check()
+    page.locator(".viewer[data-model='adapted']").wait_for()
+    page.wait_for_timeout(300)
+    (back,) = colour_counts(canvas.screenshot())
+    assert back[rare] < other[rare] / 2, (own, back)
 
 
 def test_fallback_badge_and_other_clients(page, stack, scan_dir):
@@ -155,8 +236,9 @@ def test_fallback_badge_and_other_clients(page, stack, scan_dir):
     page.get_by_role("alert").filter(has_text="No such job").wait_for()
 
 
-def test_viewer_routes(stack, scan_dir, tmp_path):
-    """The input as NIfTI (as uploaded, or converted from MHA) and the result record, for the owner only."""
+def test_viewer_routes(stack, scan_dir, adapted_job, tmp_path):
+    """The input as NIfTI (as uploaded, or converted from MHA), the result record, the uncertainty map and the
+    source model's label map, for the owner only."""
     import SimpleITK as sitk
 
     source = sorted(scan_dir.glob("*.nii.gz"))[1]
@@ -177,13 +259,32 @@ def test_viewer_routes(stack, scan_dir, tmp_path):
         )
         report = http.get(f"{nifti_scan}/report").json()
         assert report["method"] == "none" and report["steps_run"] == 0 and report["fallback"] is False
-        assert "label_path" not in report and "json_path" not in report
+        assert not {"label_path", "json_path", "source_label_file", "uncertainty_file"} & set(report)
+        uncertainty = read_nifti(http.get(f"{nifti_scan}/uncertainty").content, tmp_path)
+        assert uncertainty.GetSize() == sitk.ReadImage(str(source)).GetSize()
+        assert http.get(f"{nifti_scan}/source-segmentation").status_code == 409
+        assert "source_segmentation" not in job["scans"][0]["links"]
+
+        scan = adapted_job["scans"][0]
+        grid = sitk.ReadImage(str(scan_dir / f"{scan['name']}.nii.gz"))
+        labels = read_nifti(http.get(scan["links"]["source_segmentation"]).content, tmp_path)
+        uncertainty = read_nifti(http.get(scan["links"]["uncertainty"]).content, tmp_path)
+        for image in (labels, uncertainty):
+            assert image.GetSize() == grid.GetSize() and image.GetOrigin() == pytest.approx(grid.GetOrigin())
+        assert set(np.unique(sitk.GetArrayFromImage(labels))) <= set(PHANTOM_LABELS)
+        values = sitk.GetArrayFromImage(uncertainty)
+        assert values.dtype == np.float32 and values.min() >= 0 and values.max() <= 1
         paths = http.get("/openapi.json").json()["paths"]
-        assert {"/v1/jobs/{job_id}/scans/{scan}/image", "/v1/jobs/{job_id}/scans/{scan}/report"} <= set(paths)
+        viewer_paths = {
+            f"/v1/jobs/{{job_id}}/scans/{{scan}}/{name}"
+            for name in ("image", "report", "uncertainty", "source-segmentation")
+        }
+        assert viewer_paths <= set(paths)
+    owned = [f"{nifti_scan}/image", f"{nifti_scan}/report", scan["links"]["uncertainty"]]
+    owned.append(scan["links"]["source_segmentation"])
     with stack.client("bob") as http:
-        assert http.get(f"{nifti_scan}/image").status_code == 404
-        assert http.get(f"{nifti_scan}/report").status_code == 404
-    assert httpx.get(f"{stack.base_url}{nifti_scan}/image").status_code == 401
+        assert all(http.get(url).status_code == 404 for url in owned)
+    assert all(httpx.get(f"{stack.base_url}{url}").status_code == 401 for url in owned)
 
 
 def test_unbuilt_app_says_how_to_build_it(tmp_path):

@@ -34,7 +34,11 @@ ProgressCallback = Callable[[str, float], None]
 
 @dataclass
 class ScanResult:
-    """Where one scan's outputs were written, and what the guard and the quality signals say."""
+    """Where one scan's outputs were written, and what the guard and the quality signals say.
+
+    ``source_label_file`` (adapting methods) and ``uncertainty_file`` (when asked for) name files beside
+    the label map: the source model's label map and the voxel-wise normalised entropy (0-1).
+    """
 
     case: str
     label_path: Path
@@ -44,6 +48,8 @@ class ScanResult:
     fallback: bool
     fallback_reason: str | None
     seconds: float
+    source_label_file: str | None = None
+    uncertainty_file: str | None = None
 
 
 def resolve_device(device: str) -> str:
@@ -116,6 +122,11 @@ def segment_batch(
     ``progress`` hears ``(Phase.ADAPTING, percent)`` while adapting (never with ``none``), then
     ``(Phase.SEGMENTING, 0)`` before the first scan and the share of scans done after each one; a scan's
     ``seconds`` is the time spent segmenting it.
+
+    Adapting methods also write the source model's label map, ``<case>_source.nii.gz``, from the predictions
+    the guard compares with; ``uncertainty`` writes the shown prediction's normalised entropy (0-1),
+    ``<case>_uncertainty.nii.gz``. Both are named in the case's JSON (``source_label_file``,
+    ``uncertainty_file``).
 
     ``largest_component``: connected-component clean-up of the label maps (default: the model card's); unless
     ``adapt_config`` says otherwise, ``mpl`` cleans its pseudo-labels up the same way.
@@ -217,10 +228,15 @@ def _segment_one(
     entropy = _normalised_entropy(probs)
     quality = _quality(probs, entropy, labels, src_labels, connectedness)
     label_path = write_image(label_image(labels, scan.original), out_dir / f"{scan.case}.nii.gz")
+    source_label_file = uncertainty_file = None
+    if adapted_predictor is not None:
+        source_label_file = f"{scan.case}_source.nii.gz"
+        write_image(label_image(src_labels, scan.original), out_dir / source_label_file)
     if uncertainty:
-        img = sitk.GetImageFromArray(entropy.astype(np.float32))
+        uncertainty_file = f"{scan.case}_uncertainty.nii.gz"
+        img = sitk.GetImageFromArray(np.clip(entropy, 0.0, 1.0).astype(np.float32))
         img.CopyInformation(scan.original)
-        write_image(img, out_dir / f"{scan.case}_uncertainty.nii.gz")
+        write_image(img, out_dir / uncertainty_file)
     return ScanResult(
         case=scan.case,
         label_path=label_path,
@@ -230,6 +246,8 @@ def _segment_one(
         fallback=fallback_reason is not None,
         fallback_reason=fallback_reason,
         seconds=0.0,
+        source_label_file=source_label_file,
+        uncertainty_file=uncertainty_file,
     )
 
 

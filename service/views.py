@@ -35,7 +35,10 @@ def scan_links(job: Job, scan: Scan) -> dict[str, str]:
         "segmentation": f"{base}/segmentation?format={SegmentationFormat.NIFTI}",
         "volumes": f"{base}/volumes",
         "overlay": f"{base}/overlay.png",
+        "uncertainty": f"{base}/uncertainty",
     }
+    if job.adaptation != Method.NONE:
+        links["source_segmentation"] = f"{base}/source-segmentation"
     if scan.kind == "dicom":
         links["dicom_seg"] = f"{base}/segmentation?format={SegmentationFormat.DICOM_SEG}"
     return links

@@ -265,6 +265,7 @@ def _execute(ctx: Context, job: Job, token: str, progress: _Progress, scratch: P
         progress=progress,
         case_names=[s.name for s in scans],
         save_adapted=save_adapted,
+        uncertainty=True,
     )
     finished = time.monotonic()
     segment_from = progress.started.get(Phase.SEGMENTING, finished) if method.adapts else started

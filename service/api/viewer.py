@@ -1,6 +1,7 @@
-"""Results for viewing a scan in a browser: the input scan as NIfTI and the scan's result record.
+"""Results for viewing a scan in a browser: the input scan as NIfTI, the scan's result record, the source
+model's label map and the voxel-wise uncertainty.
 
-Both answer only the job's owner (404 for anyone else), like the other result routes.
+All answer only the job's owner (404 for anyone else), like the other result routes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from models.io import read_image, write_image
-from service.deps import Caller, State, load_scan
+from models.terms import Method
+from service.db import Job, Scan
+from service.deps import AppState, Caller, State, load_scan
 from service.errors import ApiError
 from service.schemas import Error
 from service.states import ScanState
@@ -25,8 +28,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": Error, "description": "Not found (or owned by another client)."},
     409: {"model": Error, "description": "The scan has no results yet."},
 }
-# server-side paths in the pipeline's record, never shown to a client
-PRIVATE_FIELDS = ("label_path", "json_path")
+NIFTI_GZ: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/gzip": {}}, "description": "NIfTI (.nii.gz) on the input scan's grid."}
+}
+# server-side file names in the pipeline's record, never shown to a client
+PRIVATE_FIELDS = ("label_path", "json_path", "source_label_file", "uncertainty_file")
 
 
 @router.get(
@@ -71,7 +77,57 @@ def get_image(job_id: str, scan: str, state: State, client: Caller) -> FileRespo
 )
 def get_report(job_id: str, scan: str, state: State, client: Caller) -> dict[str, Any]:
     job, record = load_scan(state, client, job_id, scan)
-    if record.state != ScanState.SUCCEEDED or not record.result_json_key:
-        raise ApiError(409, f"scan {scan!r} has no results (job is {job.state})")
-    report = json.loads(state.storage.get(record.result_json_key))
+    report = _record(state, job, record)
     return {k: v for k, v in report.items() if k not in PRIVATE_FIELDS}
+
+
+def _record(state: AppState, job: Job, scan: Scan) -> dict[str, Any]:
+    """The pipeline's record of a finished scan (409 while it has none)."""
+    if scan.state != ScanState.SUCCEEDED or not scan.result_json_key or not scan.label_key:
+        raise ApiError(409, f"scan {scan.name!r} has no results (job is {job.state})")
+    return json.loads(state.storage.get(scan.result_json_key))
+
+
+def _result_file(state: AppState, job: Job, scan: Scan, field: str, suffix: str) -> FileResponse:
+    """The file the scan's record names in ``field``, stored beside its label map (409 when it has none)."""
+    name = _record(state, job, scan).get(field)
+    key = f"{scan.label_key.rsplit('/', 1)[0]}/{name}" if isinstance(name, str) and "/" not in name else None
+    if key is None or not state.storage.exists(key):
+        raise ApiError(409, f"scan {scan.name!r} has no {suffix} map")
+    return FileResponse(
+        state.storage.local_path(key), media_type="application/gzip", filename=f"{scan.name}_{suffix}.nii.gz"
+    )
+
+
+@router.get(
+    "/v1/jobs/{job_id}/scans/{scan}/source-segmentation",
+    summary="The source (unadapted) model's label map of a scan, NIfTI on the input grid, for comparison",
+    response_class=FileResponse,
+    responses={
+        **ERRORS,
+        **NIFTI_GZ,
+        409: {"model": Error, "description": "A `none` job (no adaptation), or the scan has no results yet."},
+    },
+)
+def get_source_segmentation(job_id: str, scan: str, state: State, client: Caller) -> FileResponse:
+    """What the model as trained predicted; 409 for ``none`` jobs, whose label map is the source model's."""
+    job, record = load_scan(state, client, job_id, scan)
+    if job.adaptation == Method.NONE:
+        raise ApiError(409, f"job {job.id} did not adapt: its label map is the source model's")
+    return _result_file(state, job, record, "source_label_file", "source")
+
+
+@router.get(
+    "/v1/jobs/{job_id}/scans/{scan}/uncertainty",
+    summary="Voxel-wise uncertainty of a scan's label map (normalised entropy, 0-1), NIfTI on the input grid",
+    response_class=FileResponse,
+    responses={
+        **ERRORS,
+        **NIFTI_GZ,
+        409: {"model": Error, "description": "The scan has no results yet, or no uncertainty map."},
+    },
+)
+def get_uncertainty(job_id: str, scan: str, state: State, client: Caller) -> FileResponse:
+    """Entropy of the class probabilities behind the label map, 0 (certain) to 1 (uniform), as float32."""
+    job, record = load_scan(state, client, job_id, scan)
+    return _result_file(state, job, record, "uncertainty_file", "uncertainty")
