@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
-from service.states import JobSource, ScanState
+from service.states import JobSource, PushState, ScanState
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -94,6 +94,10 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    push_state: Mapped[str] = mapped_column(String(16), default=PushState.NONE, server_default=PushState.NONE)
+    push_error: Mapped[str | None] = mapped_column(Text)
+    push_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    pushed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     scans: Mapped[list[Scan]] = relationship(
         back_populates="job", order_by="Scan.position", cascade="all, delete-orphan", lazy="selectin"

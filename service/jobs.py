@@ -18,11 +18,11 @@ from celery import Celery
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from service.celery_app import RUN_JOB_TASK
+from service.celery_app import PUSH_RESULTS_TASK, RUN_JOB_TASK
 from service.config import Settings
 from service.db import Database, DomainBundle, Job, Scan, utcnow
 from service.health import live_workers, worker_timeout
-from service.states import ACTIVE_STATES, JobSource, JobState, ScanState
+from service.states import ACTIVE_STATES, JobSource, JobState, PushState, ScanState
 from service.storage import Storage
 from service.uploads import StagedScan
 
@@ -123,6 +123,26 @@ def enqueue(db: Database, celery: Celery, job_id: str, queue: str, *, countdown:
         session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow(), task_id=task_id))
         session.commit()
     return True
+
+
+def send_push(celery: Celery, job_id: str, queue: str) -> bool:
+    """Queue the push-back of a job's results to the PACS; False when the broker cannot be reached."""
+    try:
+        celery.send_task(PUSH_RESULTS_TASK, args=[job_id], queue=queue, routing_key=queue, retry=False)
+    except Exception as exc:
+        log.warning("could not send the push of job %s to the broker: %s", job_id, exc)
+        return False
+    return True
+
+
+def request_push(db: Database, celery: Celery, job: Job) -> bool:
+    """Mark a job's push-back pending and queue it (the recovery loop re-sends it if queuing fails)."""
+    with db.session() as session:
+        session.execute(
+            update(Job).where(Job.id == job.id).values(push_state=PushState.PENDING, push_error=None)
+        )
+        session.commit()
+    return send_push(celery, job.id, job.queue)
 
 
 def update_running(db: Database, job_id: str, token: str, **values: Any) -> bool:

@@ -41,3 +41,12 @@ class JobSource(StrEnum):
 
     UPLOAD = "upload"
     DICOMWEB = "dicomweb"
+
+
+class PushState(StrEnum):
+    """Whether a job's results were stored on the PACS (DICOMweb jobs with a configured PACS only)."""
+
+    NONE = "none"
+    PENDING = "pending"
+    PUSHED = "pushed"
+    PUSH_FAILED = "push_failed"

@@ -21,8 +21,9 @@ from models.terms import Method, Phase
 from service import dicomweb
 from service.db import DomainBundle, Job, Scan, utcnow
 from service.jobs import domain_bundle, enqueue, update_running
-from service.states import JobSource, JobState, ScanState
+from service.states import JobSource, JobState, PushState, ScanState
 from workers.context import Context, get_context
+from workers.pushback import push_job, wants_push
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +302,8 @@ def _execute(ctx: Context, job: Job, token: str, progress: _Progress, scratch: P
         current.adapted_bundle_key = adapted_key
         current.adapt_seconds = round(segment_from - started, 3)
         current.segment_seconds = round(finished - segment_from, 3)
+        if wants_push(current, ctx.settings.dicomweb_url):
+            current.push_state = PushState.PENDING
         session.commit()
 
 
@@ -333,6 +336,8 @@ def run(job_id: str) -> None:
     except Exception as exc:
         log.exception("job %s crashed", job_id)
         _retry_or_fail(ctx, job, token, exc)
+    else:
+        push_job(ctx, job_id)
     finally:
         heartbeat.stop.set()
         shutil.rmtree(scratch, ignore_errors=True)
