@@ -106,7 +106,10 @@ class Settings(BaseSettings):
     dicomweb_username: str | None = Field(None, description="HTTP basic auth user towards the PACS.")
     dicomweb_password: SecretStr = Field(SecretStr(""), description="HTTP basic auth password.")
     push_retry_interval: float = Field(
-        300.0, gt=0, description="Seconds before a failed push-back of results to the PACS is tried again."
+        300.0,
+        gt=0,
+        description="Seconds before a failed (or stranded pending) push-back of results to the PACS is tried "
+        "again.",
     )
     push_max_attempts: int = Field(
         5, gt=0, description="Push-backs the workers try on their own before leaving a job `push_failed`."

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dicomweb_client import DICOMwebClient
 from pydicom.uid import generate_uid
-from sqlalchemy import or_, select, update
+from sqlalchemy import select, update
 
 from service import dicomweb
 from service.db import Database, Job, Scan, utcnow
@@ -30,15 +30,15 @@ from workers.context import Context, get_context
 log = logging.getLogger(__name__)
 
 PUSH_TRIES = 3  # whole STOW-RS requests tried when the PACS is unreachable or answers 5xx ...
-PUSH_BACKOFF_S = 2.0  # ... after 2 s, then 4 s (the DICOMweb client retries single requests on top)
+PUSH_BACKOFF_S = 1.0  # ... after 1 s, then 2 s (the DICOMweb client retries single requests on top)
 MAX_ERROR_CHARS = 300
 
 
 def object_uids(job_id: str, scan: str, kind: str) -> tuple[str, str]:
     """(SeriesInstanceUID, SOPInstanceUID) of the ``kind`` ("seg" or "sr") object of a job's scan."""
     return (
-        generate_uid(prefix=None, entropy_srcs=[job_id, scan, kind, "series"]),
-        generate_uid(prefix=None, entropy_srcs=[job_id, scan, kind]),
+        generate_uid(entropy_srcs=[job_id, scan, kind, "series"]),
+        generate_uid(entropy_srcs=[job_id, scan, kind]),
     )
 
 
@@ -133,17 +133,14 @@ def run_push(job_id: str) -> None:
 
 
 def retry_pushes(ctx: Context) -> list[str]:
-    """Send pushes again: failed ones after ``push_retry_interval`` (up to ``push_max_attempts``), and
-    pending ones whose worker stopped (``stale_after``); returns the job ids sent."""
+    """Send pushes again, up to ``push_max_attempts``: failed ones, and pending ones whose worker or
+    message was lost, ``push_retry_interval`` after their last change; returns the job ids sent."""
     settings = ctx.settings
     now = utcnow()
-    due = or_(
-        (Job.push_state == PushState.PUSH_FAILED)
+    due = (
+        Job.push_state.in_([PushState.PUSH_FAILED, PushState.PENDING])
         & (Job.push_attempts < settings.push_max_attempts)
-        & (Job.updated_at < now - timedelta(seconds=settings.push_retry_interval)),
-        (Job.push_state == PushState.PENDING)
-        & (Job.push_attempts < settings.push_max_attempts)
-        & (Job.updated_at < now - timedelta(seconds=settings.stale_after)),
+        & (Job.updated_at < now - timedelta(seconds=settings.push_retry_interval))
     )
     with ctx.db.session() as session:
         candidates = session.execute(
