@@ -20,7 +20,7 @@ from service.states import JobState
 from service.storage import LocalStorage
 from service.uploads import ApiError, UploadedFile, assemble_scans, safe_name, sniff
 from workers import context as worker_context
-from workers import runner
+from workers import pushback, runner
 
 
 def _upload(path: Path) -> UploadedFile:
@@ -239,6 +239,43 @@ def _import_graph() -> dict[str, set[str]]:
                 imported.update(f"{base}.{alias.name}" for alias in node.names)
         graph[module] = {m for m in imported if m in files and m != module}
     return graph
+
+
+def test_failed_push_keeps_the_job_succeeded_and_is_retried(ctx, monkeypatch):
+    def unreachable(paths, client):
+        raise pushback.dicomweb.DicomWebError("the PACS at x cannot be reached", 503)
+
+    monkeypatch.setattr(pushback.dicomweb, "push_instances", unreachable)
+    monkeypatch.setattr(pushback, "PUSH_BACKOFF_S", 0.0)
+    ctx.settings.dicomweb_url = "http://pacs.invalid/dicom-web"
+    upload = _job(ctx, id="u" * 32, state="succeeded")
+    job_id = _job(ctx, state="succeeded", source="dicomweb", study_uid="1.2.3")
+    assert pushback.push_job(ctx, upload) == "none" and _get(ctx, upload).push_state == "none"
+    assert pushback.push_job(ctx, job_id) == "push_failed"
+    job = _get(ctx, job_id)
+    assert (job.state, job.push_state, job.push_attempts) == ("succeeded", "push_failed", 1)
+    assert "cannot be reached" in job.push_error and job.pushed_at is None
+    assert pushback.retry_pushes(ctx) == []  # not before push_retry_interval
+    with ctx.db.session() as session:
+        session.get(Job, job_id).updated_at = utcnow() - timedelta(
+            seconds=ctx.settings.push_retry_interval + 1
+        )
+        session.commit()
+    assert pushback.retry_pushes(ctx) == [job_id] and _get(ctx, job_id).push_state == "pending"
+    assert pushback.retry_pushes(ctx) == [] and _messages(ctx) == 1
+
+    monkeypatch.setattr(pushback.dicomweb, "push_instances", lambda paths, client: None)
+    assert pushback.push_job(ctx, job_id) == "pushed"
+    job = _get(ctx, job_id)
+    assert (job.push_state, job.push_error, job.push_attempts) == ("pushed", None, 2) and job.pushed_at
+
+
+def test_object_uids_are_fixed_per_job_scan_and_kind():
+    assert pushback.object_uids("a", "series1", "seg") == pushback.object_uids("a", "series1", "seg")
+    uids = {
+        pushback.object_uids(j, s, k) for j in "ab" for s in ("series1", "series2") for k in ("seg", "sr")
+    }
+    assert len({uid for pair in uids for uid in pair}) == 16
 
 
 def test_no_import_cycles_and_service_does_not_import_workers():
