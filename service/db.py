@@ -1,4 +1,5 @@
-"""Job records (SQLAlchemy 2.0): jobs, scans, the per-domain adapted-bundle cache and worker heartbeats."""
+"""Job records (SQLAlchemy 2.0): jobs, scans, the per-domain adapted-bundle cache, worker heartbeats and the
+studies pushed over STOW-RS that were started automatically."""
 
 from __future__ import annotations
 
@@ -156,6 +157,21 @@ class DomainBundle(Base):
     domain: Mapped[str] = mapped_column(String(64))
     storage_key: Mapped[str] = mapped_column(String(500))
     job_id: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class IncomingStudy(Base):
+    """A study a client pushed over STOW-RS, claimed once by the automatic start (started or unrouted)."""
+
+    __tablename__ = "incoming_studies"
+    __table_args__ = (UniqueConstraint("client_id", "study_uid", name="uq_incoming_studies_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    client_id: Mapped[str] = mapped_column(String(128))
+    study_uid: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    job_id: Mapped[str | None] = mapped_column(String(32))
+    reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -42,6 +42,41 @@ def input_key(job_id: str, scan: StagedScan) -> str:
     return f"jobs/{job_id}/inputs/{scan.path.name}"
 
 
+def job_record(
+    *,
+    job_id: str,
+    client_id: str,
+    model_ref: str,
+    bundle_name: str,
+    bundle_version: str,
+    labels: dict[str, str],
+    adaptation: str,
+    steps: int | None,
+    domain: str | None,
+    queue: str,
+    source: JobSource = JobSource.UPLOAD,
+    study_uid: str | None = None,
+) -> Job:
+    """A new queued job record without scans (not yet added to a session)."""
+    return Job(
+        id=job_id,
+        client_id=client_id,
+        state=JobState.QUEUED,
+        progress=0.0,
+        source=source,
+        study_uid=study_uid,
+        model_ref=model_ref,
+        bundle_name=bundle_name,
+        bundle_version=bundle_version,
+        labels=labels,
+        adaptation=adaptation,
+        steps=steps,
+        domain=domain,
+        queue=queue,
+        attempts=0,
+    )
+
+
 def create_job(
     db: Database,
     storage: Storage,
@@ -61,13 +96,9 @@ def create_job(
     study_uid: str | None = None,
 ) -> Job:
     """Move staged scans into storage and commit a queued job record."""
-    job = Job(
-        id=job_id,
+    job = job_record(
+        job_id=job_id,
         client_id=client_id,
-        state=JobState.QUEUED,
-        progress=0.0,
-        source=source,
-        study_uid=study_uid,
         model_ref=model_ref,
         bundle_name=bundle_name,
         bundle_version=bundle_version,
@@ -76,7 +107,8 @@ def create_job(
         steps=steps,
         domain=domain,
         queue=queue,
-        attempts=0,
+        source=source,
+        study_uid=study_uid,
     )
     for position, staged in enumerate(scans):
         key = input_key(job_id, staged)

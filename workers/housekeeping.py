@@ -2,7 +2,8 @@
 
 Every beat (``heartbeat_interval``) refreshes the row and re-queues the jobs of dead workers; every
 ``recovery_interval`` queued jobs whose broker message was lost are re-sent, and so are failed or stranded
-push-backs of results to the PACS (:func:`workers.pushback.retry_pushes`).
+push-backs of results to the PACS (:func:`workers.pushback.retry_pushes`). Every beat, studies pushed over
+STOW-RS that became quiet start their jobs (:func:`workers.autostart.start_quiet_studies`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from sqlalchemy import delete
 
 from service.db import Worker, utcnow
 from service.jobs import requeue_orphans, resend_lost
+from workers.autostart import start_quiet_studies
 from workers.context import Context, get_context
 from workers.pushback import retry_pushes
 
@@ -53,6 +55,7 @@ def _loop(ctx: Context) -> None:
                 next_resend = elapsed + settings.recovery_interval
                 resend_lost(ctx.db, ctx.celery, settings)
                 retry_pushes(ctx)
+            start_quiet_studies(ctx)
         except Exception as exc:  # keep beating through database or broker hiccups
             log.warning("worker housekeeping failed: %s", exc)
         if _stop.wait(step):
