@@ -1,7 +1,7 @@
 """Round trip with a real Orthanc: a real LGE scan as a DICOM MR study goes from Orthanc to the service
 (STOW-RS), a job segments it, and the worker pushes its DICOM SEG and measurement SR back into the study.
 
-Also the failure path: Orthanc down at push time leaves the job succeeded with ``push_failed``; once Orthanc
+Orthanc forwarding stable studies with the Lua script of deploy/orthanc/ is checked too. Also the failure path: Orthanc down at push time leaves the job succeeded with ``push_failed``; once Orthanc
 is back, ``POST /v1/jobs/{id}/push`` stores the results, and pushing again replaces rather than duplicates.
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from conftest import TOKENS, Stack
+from conftest import REPO, TOKENS, Stack
 from dicomweb_client import DICOMwebClient
 from orthanc import Orthanc, missing_orthanc  # api_tests/orthanc.py
 from pydicom.dataset import FileMetaDataset
@@ -26,6 +26,7 @@ from service.dicom_seg import read_dicom_seg
 from service.dicom_sr import read_volumes
 from workers.pushback import object_uids
 
+FORWARD_SCRIPT = REPO / "deploy" / "orthanc" / "ttaseg-forward.lua"
 LGE_SCAN = "cardiac/mscmr_lge/images/subject41_lge.nii.gz"  # 400 x 400 x 15, oblique
 MODEL = "cardiac-bssfp"
 
@@ -197,3 +198,24 @@ def test_push_failure_is_reported_and_retried(site) -> None:
         series_uid, sop_uid = object_uids(job["id"], scan["name"], kind)
         mine = [ds for ds in instances(pacs, study_uid, modality) if ds.SeriesInstanceUID == series_uid]
         assert [ds.SOPInstanceUID for ds in mine] == [sop_uid]
+
+
+def test_orthanc_forwards_stable_studies_with_the_deploy_script(site, data_root, tmp_path: Path) -> None:
+    stack = site[0]
+    study_uid = generate_uid()
+    series = nifti_to_dicom_series(data_root / LGE_SCAN, tmp_path / "series", study_uid)
+    servers = {"ttaseg": (f"{stack.base_url}/dicomweb/", TOKENS["alice"])}
+    extra = {"StableAge": 1, "LuaScripts": [str(FORWARD_SCRIPT)]}
+    with Orthanc(tmp_path / "orthanc", servers, extra) as forwarding, stack.client() as http:
+        forwarding.upload(series)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            status = http.get(f"/dicomweb/studies/{study_uid}")
+            if status.status_code == 200 and status.json()["instances"] == len(series):
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(
+                f"study not forwarded: {status.text}\n{forwarding.log_path.read_text()[-2000:]}"
+            )
+    assert status.json()["start"] == {"state": "manual", "job_id": None, "reason": None}
