@@ -1,8 +1,9 @@
 """Round trip with a real Orthanc: a real LGE scan as a DICOM MR study goes from Orthanc to the service
 (STOW-RS), a job segments it, and the worker pushes its DICOM SEG and measurement SR back into the study.
 
-Orthanc forwarding stable studies with the Lua script of deploy/orthanc/ is checked too. Also the failure path: Orthanc down at push time leaves the job succeeded with ``push_failed``; once Orthanc
-is back, ``POST /v1/jobs/{id}/push`` stores the results, and pushing again replaces rather than duplicates.
+The failure path: Orthanc down at push time leaves the job succeeded with ``push_failed``; once Orthanc is
+back, ``POST /v1/jobs/{id}/push`` stores the results, and pushing again replaces rather than duplicates.
+And Orthanc forwarding stable studies by itself with the Lua script of deploy/orthanc/.
 """
 
 from __future__ import annotations
