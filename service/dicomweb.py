@@ -193,6 +193,17 @@ def incoming_study_series(root: Path, client_id: str, study_uid: str) -> list[Pa
     return sorted(d for d in study.iterdir() if d.is_dir() and any(d.glob("*.dcm")))
 
 
+def image_series(folders: list[Path]) -> list[Path]:
+    """The series folders whose first instance is not of a non-image modality (SEG, SR, ...)."""
+    kept = []
+    for folder in folders:
+        first = min(folder.glob("*.dcm"))
+        modality = str(pydicom.dcmread(first, stop_before_pixels=True).get("Modality", "")).upper()
+        if modality not in NON_IMAGE_MODALITIES:
+            kept.append(folder)
+    return kept
+
+
 def _instance_uids(part: Part) -> tuple[str, str, str, str]:
     """Study, series, SOP instance and SOP class UIDs of a spooled part (400 when it is not DICOM Part 10)."""
     assert part.path is not None

@@ -13,6 +13,7 @@ import SimpleITK as sitk
 
 from service.dicom_seg import write_dicom_seg
 from service.dicom_sr import FALLBACK, read_volumes, write_measurement_report
+from service.dicomweb import image_series
 
 SERIES_DIR = Path(__file__).resolve().parents[1].parent / "shared/data/dicom/prostate3t_t2/Prostate3T-03-0001"
 VOLUMES = {"prostate": 41.25, "lesion": 0.375}
@@ -93,3 +94,12 @@ def test_unknown_structure_is_refused(report: tuple[Path, Path], tmp_path: Path)
 def test_report_is_valid_dicom(report: tuple[Path, Path]) -> None:
     run = subprocess.run(["dciodvfy", str(report[1])], capture_output=True, text=True, timeout=120)
     assert [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")] == []
+
+
+def test_result_series_are_not_taken_as_input(report: tuple[Path, Path], tmp_path: Path) -> None:
+    folders = []
+    for path in report:
+        folders.append(tmp_path / path.stem)
+        folders[-1].mkdir()
+        shutil.copy(path, folders[-1] / "1.dcm")
+    assert image_series([*folders, SERIES_DIR]) == [SERIES_DIR]

@@ -157,8 +157,11 @@ def _retry_or_fail(ctx: Context, job: Job, token: str, exc: BaseException) -> No
 
 
 def _study_series(ctx: Context, job: Job, dest: Path) -> list[Path]:
-    """Series folders of the job's study: pushed earlier by its client (STOW-RS), else pulled from the PACS."""
-    received = dicomweb.incoming_study_series(ctx.settings.resolved_storage_dir, job.client_id, job.study_uid)
+    """Image series folders of the job's study: pushed earlier by its client (STOW-RS; SEG, SR and other
+    non-image series skipped), else pulled from the PACS."""
+    received = dicomweb.image_series(
+        dicomweb.incoming_study_series(ctx.settings.resolved_storage_dir, job.client_id, job.study_uid)
+    )
     if received:
         return received
     try:
