@@ -275,6 +275,26 @@ def test_failed_push_keeps_the_job_succeeded_and_is_retried(ctx, monkeypatch):
     assert (job.push_state, job.push_error, job.push_attempts) == ("pushed", None, 2) and job.pushed_at
 
 
+def test_push_retries_transient_errors_only(monkeypatch):
+    answers = [pushback.dicomweb.DicomWebError("HTTP 500", 502, 500), None]
+    calls = []
+
+    def store(paths, client):
+        calls.append(paths)
+        answer = answers.pop(0)
+        if answer is not None:
+            raise answer
+
+    monkeypatch.setattr(pushback.dicomweb, "push_instances", store)
+    monkeypatch.setattr(pushback, "PUSH_BACKOFF_S", 0.0)
+    pushback.push([], None)
+    assert len(calls) == 2
+    answers[:] = [pushback.dicomweb.DicomWebError("HTTP 400", 502, 400)]
+    with pytest.raises(pushback.dicomweb.DicomWebError, match="400"):
+        pushback.push([], None)
+    assert len(calls) == 3
+
+
 def test_object_uids_are_fixed_per_job_scan_and_kind():
     assert pushback.object_uids("a", "series1", "seg") == pushback.object_uids("a", "series1", "seg")
     uids = {

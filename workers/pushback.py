@@ -83,7 +83,7 @@ def push(paths: list[Path], client: DICOMwebClient) -> None:
             dicomweb.push_instances(paths, client)
             return
         except dicomweb.DicomWebError as exc:
-            transient = exc.status_code == 503 or "HTTP 5" in str(exc)
+            transient = exc.status_code == 503 or (exc.pacs_status or 0) >= 500
             if not transient or attempt == PUSH_TRIES:
                 raise
             log.info("push to the PACS failed (%s); trying again", exc)
