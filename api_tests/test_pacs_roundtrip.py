@@ -3,7 +3,8 @@
 
 The failure path: Orthanc down at push time leaves the job succeeded with ``push_failed``; once Orthanc is
 back, ``POST /v1/jobs/{id}/push`` stores the results, and pushing again replaces rather than duplicates.
-And Orthanc forwarding stable studies by itself with the Lua script of deploy/orthanc/.
+And Orthanc forwarding a stable study by itself (Lua script of deploy/orthanc/), which the routing rules
+start once it is quiet.
 """
 
 from __future__ import annotations
@@ -25,16 +26,18 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from service.dicom_seg import read_dicom_seg
 from service.dicom_sr import read_volumes
+from service.routing import site_domain
 from workers.pushback import object_uids
 
 FORWARD_SCRIPT = REPO / "deploy" / "orthanc" / "ttaseg-forward.lua"
 LGE_SCAN = "cardiac/mscmr_lge/images/subject41_lge.nii.gz"  # 400 x 400 x 15, oblique
 MODEL = "cardiac-bssfp"
+AUTO_STATION = "MR2"  # the routing rule of the tests matches only this station
 
 pytestmark = pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent")
 
 
-def nifti_to_dicom_series(nifti: Path, out_dir: Path, study_uid: str) -> list[Path]:
+def nifti_to_dicom_series(nifti: Path, out_dir: Path, study_uid: str, station: str = "MR1") -> list[Path]:
     """Write a 3D NIfTI scan as a single-frame MR series with its geometry (one file per slice)."""
     image = sitk.ReadImage(str(nifti))
     array = sitk.GetArrayFromImage(image).astype(np.int16)  # (z, y, x)
@@ -55,7 +58,7 @@ def nifti_to_dicom_series(nifti: Path, out_dir: Path, study_uid: str) -> list[Pa
         ds.StudyDate, ds.StudyTime, ds.ReferringPhysicianName = "20260101", "120000", ""
         ds.SeriesInstanceUID, ds.SeriesNumber, ds.Modality = series_uid, 3, "MR"
         ds.SeriesDescription = "LGE short axis"
-        ds.Manufacturer, ds.InstitutionName, ds.StationName = "Philips", "Test site", "MR1"
+        ds.Manufacturer, ds.InstitutionName, ds.StationName = "Philips", "Test site", station
         ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = frame_uid, ""
         ds.InstanceNumber = k + 1
         ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
@@ -103,8 +106,17 @@ def site(tmp_path_factory, bundle_root, redis_server, data_root):
     root = tmp_path_factory.mktemp("roundtrip")
     study_uid = generate_uid()
     series = nifti_to_dicom_series(data_root / LGE_SCAN, root / "series", study_uid)
-    stack = Stack(root / "stack", bundle_root, redis_server, push_retry_interval=3600)
     (root / "stack").mkdir()
+    rules = root / "stack" / "routing.yaml"
+    rules.write_text(f"- match: {{StationName: {AUTO_STATION}}}\n  model: {MODEL}\n  adaptation: none\n")
+    stack = Stack(
+        root / "stack",
+        bundle_root,
+        redis_server,
+        push_retry_interval=3600,
+        routing_rules=rules,
+        study_quiet_seconds=2,
+    )
     orthanc = Orthanc(root / "orthanc", {"ttaseg": (f"{stack.base_url}/dicomweb/", TOKENS["alice"])})
     stack.env["TTASEG_DICOMWEB_URL"] = orthanc.dicomweb_url
     try:
@@ -201,22 +213,31 @@ def test_push_failure_is_reported_and_retried(site) -> None:
         assert [ds.SOPInstanceUID for ds in mine] == [sop_uid]
 
 
-def test_orthanc_forwards_stable_studies_with_the_deploy_script(site, data_root, tmp_path: Path) -> None:
+def test_orthanc_forwards_stable_studies_which_start_by_themselves(site, data_root, tmp_path: Path) -> None:
     stack = site[0]
     study_uid = generate_uid()
-    series = nifti_to_dicom_series(data_root / LGE_SCAN, tmp_path / "series", study_uid)
+    series = nifti_to_dicom_series(data_root / LGE_SCAN, tmp_path / "series", study_uid, AUTO_STATION)
     servers = {"ttaseg": (f"{stack.base_url}/dicomweb/", TOKENS["alice"])}
     extra = {"StableAge": 1, "LuaScripts": [str(FORWARD_SCRIPT)]}
     with Orthanc(tmp_path / "orthanc", servers, extra) as forwarding, stack.client() as http:
         forwarding.upload(series)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             status = http.get(f"/dicomweb/studies/{study_uid}")
-            if status.status_code == 200 and status.json()["instances"] == len(series):
+            if status.status_code == 200 and status.json()["start"]["state"] == "started":
                 break
             time.sleep(0.5)
         else:
             raise AssertionError(
-                f"study not forwarded: {status.text}\n{forwarding.log_path.read_text()[-2000:]}"
+                f"study not started: {status.text}\n{forwarding.log_path.read_text()[-2000:]}"
             )
-    assert status.json()["start"] == {"state": "manual", "job_id": None, "reason": None}
+    assert status.json()["instances"] == len(series)
+    job = stack.wait_job(status.json()["start"]["job_id"], timeout=300)
+    assert job["state"] == "succeeded", job
+    header = pydicom.dcmread(series[0], stop_before_pixels=True)
+    assert (job["study_uid"], job["model"], job["adaptation"]) == (study_uid, MODEL, "none")
+    assert job["domain"] == site_domain(header)
+    assert wait_push(stack, job["id"], ("pushed", "push_failed"))["push"]["state"] == "pushed"
+    with stack.client() as http:  # the studies of the other tests match no rule
+        other = http.get(f"/dicomweb/studies/{site[2]}").json()["start"]
+    assert other["state"] == "unrouted" and other["job_id"] is None
