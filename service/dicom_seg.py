@@ -56,7 +56,7 @@ def _slice_normal(ds: pydicom.Dataset) -> np.ndarray:
     return np.cross(orientation[:3], orientation[3:])
 
 
-def _segment_codes(name: str) -> tuple[pydicom.sr.coding.Code, pydicom.sr.coding.Code]:
+def segment_codes(name: str) -> tuple[pydicom.sr.coding.Code, pydicom.sr.coding.Code]:
     """(category, type) codes for a label name, looked up in the DICOM segmentation context groups.
 
     Anatomy (CID 7192), lesions (CID 7159) and tissues (CID 7166) get their SNOMED CT concept; other names
@@ -150,7 +150,7 @@ def write_dicom_seg(
     )
     descriptions = []
     for number, value in enumerate(values, start=1):
-        category, property_type = _segment_codes(labels[value])
+        category, property_type = segment_codes(labels[value])
         descriptions.append(
             hd.seg.SegmentDescription(
                 segment_number=number,

@@ -15,7 +15,7 @@ import highdicom as hd
 import pydicom
 from pydicom.sr.codedict import codes
 
-from service.dicom_seg import MANUFACTURER, SEG_SOP_CLASS_UID, _segment_codes, load_series
+from service.dicom_seg import MANUFACTURER, SEG_SOP_CLASS_UID, load_series, segment_codes
 
 PRIVATE_SCHEME = "99TTASEG"
 MILLILITER = hd.sr.CodedConcept("mL", "UCUM", "milliliter")
@@ -78,7 +78,7 @@ def write_measurement_report(
                     segment_number=number,
                     source_series=source_series,
                 ),
-                finding_type=_segment_codes(label)[1],
+                finding_type=segment_codes(label)[1],
                 algorithm_id=algorithm,
                 measurements=[
                     hd.sr.Measurement(
