@@ -86,7 +86,7 @@ def route(rules: list[Rule], client_id: str, series_dirs: list[Path]) -> Route |
     """The route of a client's study (its series folders), or None when no rule matches."""
     headers = []
     for folder in series_dirs:
-        first = next(iter(sorted(folder.glob("*.dcm"))), None)
+        first = min(folder.glob("*.dcm"), default=None)
         if first is not None:
             headers.append(pydicom.dcmread(first, stop_before_pixels=True))
     for rule in rules:
