@@ -138,6 +138,11 @@ def write_measurement_report(
         is_complete=True,
     )
     sr.SeriesDescription = f"{algorithm_name} measurements"[:64]
+    scheme = pydicom.Dataset()
+    scheme.CodingSchemeDesignator = PRIVATE_SCHEME
+    scheme.CodingSchemeName = f"{MANUFACTURER} local codes"
+    scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
+    sr.CodingSchemeIdentificationSequence = [scheme]
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     sr.save_as(out_path, enforce_file_format=True)

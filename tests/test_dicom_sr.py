@@ -59,6 +59,7 @@ def test_report_holds_volumes_per_segment(report: tuple[Path, Path]) -> None:
     seg = hd.seg.segread(seg_path)
     assert sr.Modality == "SR" and sr.SOPInstanceUID == "1.2.826.0.1.3680043.8.498.2"
     assert sr.StudyInstanceUID == seg.StudyInstanceUID
+    assert [item.CodingSchemeDesignator for item in sr.CodingSchemeIdentificationSequence] == ["99TTASEG"]
     groups = sr.content.get_volumetric_roi_measurement_groups()
     referenced = {str(g.tracking_identifier): g.referenced_segment.referenced_segment_numbers for g in groups}
     assert referenced == {"prostate": [1], "lesion": [2]}
