@@ -8,6 +8,7 @@ a comment).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -30,7 +31,9 @@ IMAGING = hd.sr.CodedConcept("363679005", "SCT", "Imaging")
 
 
 def _quality_code(name: str) -> hd.sr.CodedConcept:
-    return hd.sr.CodedConcept(name[:16], PRIVATE_SCHEME, name.replace("_", " ")[:64])
+    """Local code of a quality signal: its name, or for names over 16 characters a prefix and a digest."""
+    value = name if len(name) <= 16 else f"{name[:7]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return hd.sr.CodedConcept(value, PRIVATE_SCHEME, name.replace("_", " ")[:64])
 
 
 def write_measurement_report(
