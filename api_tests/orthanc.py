@@ -100,10 +100,15 @@ class Orthanc(ServerProcess):
     """Orthanc with DICOMweb on ``/dicom-web/``, local-only HTTP, no DICOM port, no authentication.
 
     ``dicomweb_servers`` maps names to the DICOMweb roots Orthanc pushes to (``/dicom-web/servers/<name>/stow``)
-    and the bearer token it sends there.
+    and the bearer token it sends there; ``extra`` adds or overrides configuration options (e.g. ``LuaScripts``).
     """
 
-    def __init__(self, workdir: Path, dicomweb_servers: dict[str, tuple[str, str]] | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        dicomweb_servers: dict[str, tuple[str, str]] | None = None,
+        extra: dict[str, object] | None = None,
+    ):
         workdir.mkdir(parents=True, exist_ok=True)
         port = free_port()
         config = {
@@ -126,6 +131,7 @@ class Orthanc(ServerProcess):
                 },
             },
         }
+        config.update(extra or {})
         config_path = workdir / "config.json"
         config_path.write_text(json.dumps(config, indent=2))
         self.url = f"http://127.0.0.1:{port}"

@@ -18,6 +18,7 @@ from orthanc import Orthanc, Receiver, free_port, missing_orthanc  # api_tests/o
 
 from service.app import create_app
 from service.config import Settings
+from service.db import Database, Job
 from service.dicom_seg import read_dicom_seg, write_dicom_seg
 from service.dicomweb import DicomWebError, fetch_study, incoming_study_series, pacs_client, push_instances
 
@@ -208,3 +209,23 @@ def test_receiver_rejects_bad_requests(receiver_client: TestClient) -> None:
     assert "part 1" in response.json()["detail"]
     assert receiver_client.get("/dicomweb/studies/1.2.3").status_code == 404
     assert receiver_client.get("/dicomweb/studies/1.2.x").status_code == 400
+
+
+def test_push_route_answers(receiver_client: TestClient, tmp_path: Path) -> None:
+    db = Database(Settings(data_dir=tmp_path / "data").resolved_database_url)
+    fields = dict(client_id="alice", model_ref="m", bundle_name="m", bundle_version="1", labels={})
+    fields |= dict(adaptation="none", queue="cpu", attempts=0, progress=0.0, state="succeeded")
+    with db.session() as session:
+        session.add(Job(id="u" * 32, source="upload", **fields))
+        session.add(Job(id="d" * 32, source="dicomweb", study_uid="1.2.3", **fields))
+        session.commit()
+    upload = receiver_client.post(f"/v1/jobs/{'u' * 32}/push")
+    assert upload.status_code == 409 and "upload" in upload.json()["detail"]
+    assert receiver_client.get(f"/v1/jobs/{'u' * 32}").json()["push"] == {
+        "state": "none",
+        "error": None,
+        "attempts": 0,
+        "pushed_at": None,
+    }
+    assert receiver_client.post(f"/v1/jobs/{'d' * 32}/push").status_code == 503  # no PACS configured
+    assert receiver_client.post(f"/v1/jobs/{'d' * 32}/push", headers=_auth("bob")).status_code == 404

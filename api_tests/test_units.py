@@ -4,23 +4,28 @@ migrations, worker claiming, bounded retries, recovery of lost jobs, and the pro
 from __future__ import annotations
 
 import ast
+import os
+import shutil
+import time
 import zipfile
 from datetime import timedelta
 from pathlib import Path
 
+import pydicom
 import pytest
 from scan_files import zip_of
 
 from service.auth import KeyRing, hash_token, load_keys
 from service.celery_app import make_celery
 from service.config import Settings
-from service.db import Base, Database, Job, Worker, migrate, utcnow
+from service.db import Base, Database, IncomingStudy, Job, Worker, migrate, utcnow
 from service.jobs import recover
+from service.routing import site_domain
 from service.states import JobState
 from service.storage import LocalStorage
 from service.uploads import ApiError, UploadedFile, assemble_scans, safe_name, sniff
+from workers import autostart, pushback, runner
 from workers import context as worker_context
-from workers import runner
 
 
 def _upload(path: Path) -> UploadedFile:
@@ -239,6 +244,103 @@ def _import_graph() -> dict[str, set[str]]:
                 imported.update(f"{base}.{alias.name}" for alias in node.names)
         graph[module] = {m for m in imported if m in files and m != module}
     return graph
+
+
+def test_failed_push_keeps_the_job_succeeded_and_is_retried(ctx, monkeypatch):
+    def unreachable(paths, client):
+        raise pushback.dicomweb.DicomWebError("the PACS at x cannot be reached", 503)
+
+    monkeypatch.setattr(pushback.dicomweb, "push_instances", unreachable)
+    monkeypatch.setattr(pushback, "PUSH_BACKOFF_S", 0.0)
+    ctx.settings.dicomweb_url = "http://pacs.invalid/dicom-web"
+    upload = _job(ctx, id="u" * 32, state="succeeded")
+    job_id = _job(ctx, state="succeeded", source="dicomweb", study_uid="1.2.3")
+    assert pushback.push_job(ctx, upload) == "none" and _get(ctx, upload).push_state == "none"
+    assert pushback.push_job(ctx, job_id) == "push_failed"
+    job = _get(ctx, job_id)
+    assert (job.state, job.push_state, job.push_attempts) == ("succeeded", "push_failed", 1)
+    assert "cannot be reached" in job.push_error and job.pushed_at is None
+    assert pushback.retry_pushes(ctx) == []  # not before push_retry_interval
+    with ctx.db.session() as session:
+        session.get(Job, job_id).updated_at = utcnow() - timedelta(
+            seconds=ctx.settings.push_retry_interval + 1
+        )
+        session.commit()
+    assert pushback.retry_pushes(ctx) == [job_id] and _get(ctx, job_id).push_state == "pending"
+    assert pushback.retry_pushes(ctx) == [] and _messages(ctx) == 1
+
+    monkeypatch.setattr(pushback.dicomweb, "push_instances", lambda paths, client: None)
+    assert pushback.push_job(ctx, job_id) == "pushed"
+    job = _get(ctx, job_id)
+    assert (job.push_state, job.push_error, job.push_attempts) == ("pushed", None, 2) and job.pushed_at
+
+
+def test_push_retries_transient_errors_only(monkeypatch):
+    answers = [pushback.dicomweb.DicomWebError("HTTP 500", 502, 500), None]
+    calls = []
+
+    def store(paths, client):
+        calls.append(paths)
+        answer = answers.pop(0)
+        if answer is not None:
+            raise answer
+
+    monkeypatch.setattr(pushback.dicomweb, "push_instances", store)
+    monkeypatch.setattr(pushback, "PUSH_BACKOFF_S", 0.0)
+    pushback.push([], None)
+    assert len(calls) == 2
+    answers[:] = [pushback.dicomweb.DicomWebError("HTTP 400", 502, 400)]
+    with pytest.raises(pushback.dicomweb.DicomWebError, match="400"):
+        pushback.push([], None)
+    assert len(calls) == 3
+
+
+def test_object_uids_are_fixed_per_job_scan_and_kind():
+    assert pushback.object_uids("a", "series1", "seg") == pushback.object_uids("a", "series1", "seg")
+    uids = {
+        pushback.object_uids(j, s, k) for j in "ab" for s in ("series1", "series2") for k in ("seg", "sr")
+    }
+    assert len({uid for pair in uids for uid in pair}) == 16
+
+
+def _push_study(ctx, client: str, series_dir: Path, age: float) -> str:
+    """Copy two instances of a real series into ``client``'s incoming folder, last changed ``age`` s ago."""
+    files = sorted(series_dir.glob("*.dcm"))[:2]
+    header = pydicom.dcmread(files[0], stop_before_pixels=True)
+    study = ctx.settings.resolved_storage_dir / "incoming" / client / str(header.StudyInstanceUID)
+    target = study / str(header.SeriesInstanceUID)
+    target.mkdir(parents=True)
+    for f in files:
+        shutil.copy(f, target / f.name)
+    for folder in (target, study):
+        os.utime(folder, (time.time() - age,) * 2)
+    return str(header.StudyInstanceUID)
+
+
+def test_quiet_studies_start_once_with_their_route(ctx, data_root, tmp_path):
+    series_dir = data_root / "dicom/prostate3t_t2/Prostate3T-03-0001"
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "- client: alice\n  match: {Modality: MR, SeriesDescription: '(?i)t2'}\n"
+        "  model: cardiac-bssfp\n  adaptation: none\n"
+    )
+    ctx.settings.routing_rules, ctx.settings.study_quiet_seconds = rules, 30
+    study = _push_study(ctx, "alice", series_dir, age=5)
+    assert autostart.start_quiet_studies(ctx) == []  # not quiet yet
+    ctx.settings.study_quiet_seconds = 2
+    [job_id] = autostart.start_quiet_studies(ctx)
+    assert autostart.start_quiet_studies(ctx) == []  # claimed once
+    job = _get(ctx, job_id)
+    header = pydicom.dcmread(sorted(series_dir.glob("*.dcm"))[0], stop_before_pixels=True)
+    assert (job.client_id, job.study_uid, job.source, job.state) == ("alice", study, "dicomweb", "queued")
+    assert (job.bundle_name, job.adaptation, job.domain) == ("cardiac-bssfp", "none", site_domain(header))
+    assert job.domain.startswith("siemens-") and _messages(ctx) == 1
+
+    _push_study(ctx, "bob", series_dir, age=5)  # no rule for bob's studies
+    assert autostart.start_quiet_studies(ctx) == []
+    with ctx.db.session() as session:
+        row = session.query(IncomingStudy).filter_by(client_id="bob").one()
+    assert (row.state, row.job_id) == ("unrouted", None) and "no routing rule" in row.reason
 
 
 def test_no_import_cycles_and_service_does_not_import_workers():

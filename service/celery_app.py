@@ -10,6 +10,7 @@ from kombu import Queue
 from service.config import Settings
 
 RUN_JOB_TASK = "ttaseg.run_job"
+PUSH_RESULTS_TASK = "ttaseg.push_results"
 QUEUES = ("cpu", "gpu")
 
 

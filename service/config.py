@@ -106,6 +106,24 @@ class Settings(BaseSettings):
     )
     dicomweb_username: str | None = Field(None, description="HTTP basic auth user towards the PACS.")
     dicomweb_password: SecretStr = Field(SecretStr(""), description="HTTP basic auth password.")
+    push_retry_interval: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds before a failed (or stranded pending) push-back of results to the PACS is tried "
+        "again.",
+    )
+    push_max_attempts: int = Field(
+        5, gt=0, description="Push-backs the workers try on their own before leaving a job `push_failed`."
+    )
+
+    study_quiet_seconds: float = Field(
+        30.0, gt=0, description="A study pushed over STOW-RS starts a job once no instance arrived this long."
+    )
+    routing_rules: Path | None = Field(
+        None,
+        description="YAML/JSON file of routing rules (model, adaptation, domain) for studies pushed over "
+        "STOW-RS; unset: such studies start no job by themselves.",
+    )
 
     web_dist: Path | None = Field(
         None, description="Folder of the built web app served at /ui; default service/web/dist."

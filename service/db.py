@@ -1,4 +1,5 @@
-"""Job records (SQLAlchemy 2.0): jobs, scans, the per-domain adapted-bundle cache and worker heartbeats."""
+"""Job records (SQLAlchemy 2.0): jobs, scans, the per-domain adapted-bundle cache, worker heartbeats and the
+studies pushed over STOW-RS that were started automatically."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
-from service.states import JobSource, ScanState
+from service.states import JobSource, PushState, ScanState
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -94,6 +95,10 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    push_state: Mapped[str] = mapped_column(String(16), default=PushState.NONE, server_default=PushState.NONE)
+    push_error: Mapped[str | None] = mapped_column(Text)
+    push_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    pushed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     scans: Mapped[list[Scan]] = relationship(
         back_populates="job", order_by="Scan.position", cascade="all, delete-orphan", lazy="selectin"
@@ -152,6 +157,21 @@ class DomainBundle(Base):
     domain: Mapped[str] = mapped_column(String(64))
     storage_key: Mapped[str] = mapped_column(String(500))
     job_id: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class IncomingStudy(Base):
+    """A study a client pushed over STOW-RS, claimed once by the automatic start (started or unrouted)."""
+
+    __tablename__ = "incoming_studies"
+    __table_args__ = (UniqueConstraint("client_id", "study_uid", name="uq_incoming_studies_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    client_id: Mapped[str] = mapped_column(String(128))
+    study_uid: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    job_id: Mapped[str | None] = mapped_column(String(32))
+    reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -56,7 +56,7 @@ def _slice_normal(ds: pydicom.Dataset) -> np.ndarray:
     return np.cross(orientation[:3], orientation[3:])
 
 
-def _segment_codes(name: str) -> tuple[pydicom.sr.coding.Code, pydicom.sr.coding.Code]:
+def segment_codes(name: str) -> tuple[pydicom.sr.coding.Code, pydicom.sr.coding.Code]:
     """(category, type) codes for a label name, looked up in the DICOM segmentation context groups.
 
     Anatomy (CID 7192), lesions (CID 7159) and tissues (CID 7166) get their SNOMED CT concept; other names
@@ -116,12 +116,15 @@ def write_dicom_seg(
     out_path: Path,
     algorithm_name: str = "ttaseg",
     algorithm_version: str = "0.1",
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
 ) -> Path:
     """Write the label map ``label_path`` (on the grid of the series in ``source_dicom_dir``) as a DICOM SEG.
 
     ``labels`` maps label values to names (0, background, is ignored). Segments are numbered 1..N in
     ascending label value, so contiguous labels 1..N keep their values. Labels absent from the map give
-    segments without frames; values in the map that ``labels`` does not name raise ValueError.
+    segments without frames; values in the map that ``labels`` does not name raise ValueError. The series
+    and SOP Instance UIDs are new unless given (fixed UIDs make a re-push replace the earlier copy).
     """
     label = sitk.ReadImage(str(label_path))
     datasets = load_series(Path(source_dicom_dir))
@@ -147,7 +150,7 @@ def write_dicom_seg(
     )
     descriptions = []
     for number, value in enumerate(values, start=1):
-        category, property_type = _segment_codes(labels[value])
+        category, property_type = segment_codes(labels[value])
         descriptions.append(
             hd.seg.SegmentDescription(
                 segment_number=number,
@@ -164,9 +167,9 @@ def write_dicom_seg(
         pixel_array=segment_numbers,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(),
+        series_instance_uid=series_instance_uid or hd.UID(),
         series_number=1000 + source_series_number,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=sop_instance_uid or hd.UID(),
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=algorithm_name,

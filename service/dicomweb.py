@@ -53,12 +53,13 @@ class DicomWebError(RuntimeError):
 
     ``status_code`` is the HTTP status the API should answer: 404 (unknown study), 422 (study without
     image series, malformed UID), 502 (the PACS answered with an error) or 503 (PACS unreachable or not
-    configured).
+    configured). ``pacs_status`` is the HTTP status the PACS answered, when it answered with an error.
     """
 
-    def __init__(self, message: str, status_code: int) -> None:
+    def __init__(self, message: str, status_code: int, pacs_status: int | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
+        self.pacs_status = pacs_status
 
 
 def is_uid(value: object) -> bool:
@@ -92,7 +93,7 @@ def _pacs_errors(action: str, url: str) -> Iterator[None]:
             raise DicomWebError(
                 f"{action}: the PACS refused access (HTTP {status}); check the credentials", 502
             ) from exc
-        raise DicomWebError(f"{action}: the PACS answered HTTP {status}", 502) from exc
+        raise DicomWebError(f"{action}: the PACS answered HTTP {status}", 502, status) from exc
     except (requests.ConnectionError, requests.Timeout) as exc:
         raise DicomWebError(f"{action}: the PACS at {url} cannot be reached", 503) from exc
     except RetryError as exc:  # how dicomweb-client gives up after repeated 408/429/503/504 answers
@@ -191,6 +192,17 @@ def incoming_study_series(root: Path, client_id: str, study_uid: str) -> list[Pa
     if not study.is_dir():
         return []
     return sorted(d for d in study.iterdir() if d.is_dir() and any(d.glob("*.dcm")))
+
+
+def image_series(folders: list[Path]) -> list[Path]:
+    """The series folders whose first instance is not of a non-image modality (SEG, SR, ...)."""
+    kept = []
+    for folder in folders:
+        first = min(folder.glob("*.dcm"))
+        modality = str(pydicom.dcmread(first, stop_before_pixels=True).get("Modality", "")).upper()
+        if modality not in NON_IMAGE_MODALITIES:
+            kept.append(folder)
+    return kept
 
 
 def _instance_uids(part: Part) -> tuple[str, str, str, str]:

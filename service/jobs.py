@@ -18,11 +18,11 @@ from celery import Celery
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from service.celery_app import RUN_JOB_TASK
+from service.celery_app import PUSH_RESULTS_TASK, RUN_JOB_TASK
 from service.config import Settings
 from service.db import Database, DomainBundle, Job, Scan, utcnow
 from service.health import live_workers, worker_timeout
-from service.states import ACTIVE_STATES, JobSource, JobState, ScanState
+from service.states import ACTIVE_STATES, JobSource, JobState, PushState, ScanState
 from service.storage import Storage
 from service.uploads import StagedScan
 
@@ -40,6 +40,41 @@ def new_job_id() -> str:
 def input_key(job_id: str, scan: StagedScan) -> str:
     """Storage key of a scan's input (a file, or a folder for DICOM)."""
     return f"jobs/{job_id}/inputs/{scan.path.name}"
+
+
+def job_record(
+    *,
+    job_id: str,
+    client_id: str,
+    model_ref: str,
+    bundle_name: str,
+    bundle_version: str,
+    labels: dict[str, str],
+    adaptation: str,
+    steps: int | None,
+    domain: str | None,
+    queue: str,
+    source: JobSource = JobSource.UPLOAD,
+    study_uid: str | None = None,
+) -> Job:
+    """A new queued job record without scans (not yet added to a session)."""
+    return Job(
+        id=job_id,
+        client_id=client_id,
+        state=JobState.QUEUED,
+        progress=0.0,
+        source=source,
+        study_uid=study_uid,
+        model_ref=model_ref,
+        bundle_name=bundle_name,
+        bundle_version=bundle_version,
+        labels=labels,
+        adaptation=adaptation,
+        steps=steps,
+        domain=domain,
+        queue=queue,
+        attempts=0,
+    )
 
 
 def create_job(
@@ -61,13 +96,9 @@ def create_job(
     study_uid: str | None = None,
 ) -> Job:
     """Move staged scans into storage and commit a queued job record."""
-    job = Job(
-        id=job_id,
+    job = job_record(
+        job_id=job_id,
         client_id=client_id,
-        state=JobState.QUEUED,
-        progress=0.0,
-        source=source,
-        study_uid=study_uid,
         model_ref=model_ref,
         bundle_name=bundle_name,
         bundle_version=bundle_version,
@@ -76,7 +107,8 @@ def create_job(
         steps=steps,
         domain=domain,
         queue=queue,
-        attempts=0,
+        source=source,
+        study_uid=study_uid,
     )
     for position, staged in enumerate(scans):
         key = input_key(job_id, staged)
@@ -123,6 +155,26 @@ def enqueue(db: Database, celery: Celery, job_id: str, queue: str, *, countdown:
         session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow(), task_id=task_id))
         session.commit()
     return True
+
+
+def send_push(celery: Celery, job_id: str, queue: str) -> bool:
+    """Queue the push-back of a job's results to the PACS; False when the broker cannot be reached."""
+    try:
+        celery.send_task(PUSH_RESULTS_TASK, args=[job_id], queue=queue, routing_key=queue, retry=False)
+    except Exception as exc:
+        log.warning("could not send the push of job %s to the broker: %s", job_id, exc)
+        return False
+    return True
+
+
+def request_push(db: Database, celery: Celery, job: Job) -> bool:
+    """Mark a job's push-back pending and queue it (the recovery loop re-sends it if queuing fails)."""
+    with db.session() as session:
+        session.execute(
+            update(Job).where(Job.id == job.id).values(push_state=PushState.PENDING, push_error=None)
+        )
+        session.commit()
+    return send_push(celery, job.id, job.queue)
 
 
 def update_running(db: Database, job_id: str, token: str, **values: Any) -> bool:

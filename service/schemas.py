@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.terms import Method, Phase
-from service.states import JobSource, JobState, ScanState
+from service.states import JobSource, JobState, PushState, ScanState
 
 MODEL_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}(:[A-Za-z0-9][A-Za-z0-9._+-]{0,63})?$"
 DOMAIN_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -103,6 +103,15 @@ class Timings(BaseModel):
     total_seconds: float | None = None
 
 
+class PushOut(BaseModel):
+    """Push-back of a job's results (DICOM SEG and SR) into its study on the PACS."""
+
+    state: PushState = Field(description="none (nothing to push), pending, pushed or push_failed.")
+    error: str | None = Field(None, description="Why the last push failed.")
+    attempts: int = Field(0, description="Pushes tried so far.")
+    pushed_at: datetime | None = None
+
+
 class JobOut(BaseModel):
     """A job as its owner sees it."""
 
@@ -128,6 +137,7 @@ class JobOut(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     timings: Timings
+    push: PushOut
     scans: list[ScanOut]
 
 

@@ -41,3 +41,22 @@ class JobSource(StrEnum):
 
     UPLOAD = "upload"
     DICOMWEB = "dicomweb"
+
+
+class PushState(StrEnum):
+    """Whether a job's results were stored on the PACS (DICOMweb jobs with a configured PACS only)."""
+
+    NONE = "none"
+    PENDING = "pending"
+    PUSHED = "pushed"
+    PUSH_FAILED = "push_failed"
+
+
+class IncomingState(StrEnum):
+    """What the automatic start does with a study pushed over STOW-RS: nothing (no routing rules: jobs are
+    posted by hand), waits for the study to be quiet, started a job, or found no rule for it."""
+
+    MANUAL = "manual"
+    WAITING = "waiting"
+    STARTED = "started"
+    UNROUTED = "unrouted"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from models.terms import Method, Phase
 from service.db import Job, Scan
-from service.schemas import JobOut, JobSummary, ScanOut, SegmentationFormat, Timings
-from service.states import JobSource, JobState, ScanState
+from service.schemas import JobOut, JobSummary, PushOut, ScanOut, SegmentationFormat, Timings
+from service.states import JobSource, JobState, PushState, ScanState
 
 
 def _phase(job: Job) -> Phase | None:
@@ -77,6 +77,12 @@ def job_out(job: Job) -> JobOut:
         started_at=job.started_at,
         finished_at=job.finished_at,
         timings=_timings(job),
+        push=PushOut(
+            state=PushState(job.push_state or PushState.NONE),
+            error=job.push_error,
+            attempts=job.push_attempts or 0,
+            pushed_at=job.pushed_at,
+        ),
         scans=[scan_out(job, s) for s in job.scans],
     )
 

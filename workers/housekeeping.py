@@ -1,7 +1,9 @@
 """Worker housekeeping: the worker's heartbeat row (readiness) and the recovery of lost jobs.
 
 Every beat (``heartbeat_interval``) refreshes the row and re-queues the jobs of dead workers; every
-``recovery_interval`` queued jobs whose broker message was lost are re-sent.
+``recovery_interval`` queued jobs whose broker message was lost are re-sent, and so are failed or stranded
+push-backs of results to the PACS (:func:`workers.pushback.retry_pushes`). Every beat, studies pushed over
+STOW-RS that became quiet start their jobs (:func:`workers.autostart.start_quiet_studies`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from sqlalchemy import delete
 
 from service.db import Worker, utcnow
 from service.jobs import requeue_orphans, resend_lost
+from workers.autostart import start_quiet_studies
 from workers.context import Context, get_context
+from workers.pushback import retry_pushes
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,8 @@ def _loop(ctx: Context) -> None:
             if elapsed >= next_resend:
                 next_resend = elapsed + settings.recovery_interval
                 resend_lost(ctx.db, ctx.celery, settings)
+                retry_pushes(ctx)
+            start_quiet_studies(ctx)
         except Exception as exc:  # keep beating through database or broker hiccups
             log.warning("worker housekeeping failed: %s", exc)
         if _stop.wait(step):

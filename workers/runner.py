@@ -21,8 +21,9 @@ from models.terms import Method, Phase
 from service import dicomweb
 from service.db import DomainBundle, Job, Scan, utcnow
 from service.jobs import domain_bundle, enqueue, update_running
-from service.states import JobSource, JobState, ScanState
+from service.states import JobSource, JobState, PushState, ScanState
 from workers.context import Context, get_context
+from workers.pushback import push_job, wants_push
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +157,11 @@ def _retry_or_fail(ctx: Context, job: Job, token: str, exc: BaseException) -> No
 
 
 def _study_series(ctx: Context, job: Job, dest: Path) -> list[Path]:
-    """Series folders of the job's study: pushed earlier by its client (STOW-RS), else pulled from the PACS."""
-    received = dicomweb.incoming_study_series(ctx.settings.resolved_storage_dir, job.client_id, job.study_uid)
+    """Image series folders of the job's study: pushed earlier by its client (STOW-RS; SEG, SR and other
+    non-image series skipped), else pulled from the PACS."""
+    received = dicomweb.image_series(
+        dicomweb.incoming_study_series(ctx.settings.resolved_storage_dir, job.client_id, job.study_uid)
+    )
     if received:
         return received
     try:
@@ -302,6 +306,8 @@ def _execute(ctx: Context, job: Job, token: str, progress: _Progress, scratch: P
         current.adapted_bundle_key = adapted_key
         current.adapt_seconds = round(segment_from - started, 3)
         current.segment_seconds = round(finished - segment_from, 3)
+        if wants_push(current, ctx.settings.dicomweb_url):
+            current.push_state = PushState.PENDING
         session.commit()
 
 
@@ -334,6 +340,8 @@ def run(job_id: str) -> None:
     except Exception as exc:
         log.exception("job %s crashed", job_id)
         _retry_or_fail(ctx, job, token, exc)
+    else:
+        push_job(ctx, job_id)
     finally:
         heartbeat.stop.set()
         shutil.rmtree(scratch, ignore_errors=True)

@@ -8,13 +8,16 @@ import shutil
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydicom import Dataset
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from service import dicomweb
 from service.auth import Client
+from service.db import IncomingStudy
 from service.deps import AppState, Caller, State
 from service.errors import ApiError
 from service.multipart import read_parts
+from service.states import IncomingState
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["dicomweb"])
@@ -65,7 +68,8 @@ async def _receive(request: Request, state: AppState, client: Client) -> tuple[D
 
 @router.get("/dicomweb/studies/{study_uid}", summary="Series and instances the caller pushed for a study")
 def incoming_study_status(study_uid: str, state: State, client: Caller) -> dict:
-    """The caller's received series of a study with their instance counts; 404 when it pushed none."""
+    """The caller's received series of a study with their instance counts, and what the automatic start did
+    with it; 404 when it pushed none."""
     try:
         folders = dicomweb.incoming_study_series(state.settings.resolved_storage_dir, client.id, study_uid)
     except ValueError:
@@ -77,4 +81,19 @@ def incoming_study_status(study_uid: str, state: State, client: Caller) -> dict:
         "study_instance_uid": study_uid,
         "series": series,
         "instances": sum(s["instances"] for s in series),
+        "start": _start_status(state, client, study_uid),
     }
+
+
+def _start_status(state: AppState, client: Client, study_uid: str) -> dict:
+    """What the automatic start did with the study: manual, waiting, started (with the job) or unrouted."""
+    with state.db.session() as session:
+        row = session.scalar(
+            select(IncomingStudy).where(
+                IncomingStudy.client_id == client.id, IncomingStudy.study_uid == study_uid
+            )
+        )
+    if row is not None:
+        return {"state": row.state, "job_id": row.job_id, "reason": row.reason}
+    waiting = IncomingState.WAITING if state.settings.routing_rules else IncomingState.MANUAL
+    return {"state": waiting, "job_id": None, "reason": None}

@@ -1,4 +1,4 @@
-"""``/v1/jobs``: submit, list, inspect and cancel jobs."""
+"""``/v1/jobs``: submit, list, inspect and cancel jobs, and push a job's results to the PACS again."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from service.api.submission import REQUEST_BODY, accept, submit
 from service.db import Job
 from service.deps import Caller, State, load_job
 from service.errors import ApiError
-from service.schemas import ERRORS, SUBMISSION_ERRORS, JobAccepted, JobOut, JobPage
-from service.states import JobState
+from service.schemas import ERRORS, SUBMISSION_ERRORS, Error, JobAccepted, JobOut, JobPage
+from service.states import JobSource, JobState
 from service.views import job_out, job_summary
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -70,4 +70,24 @@ def cancel_job(job_id: str, state: State, client: Caller) -> JobOut:
         job = load_job(state, client, job_id)
         if job.state != JobState.CANCELLED:
             raise ApiError(409, f"job already {job.state}")
+    return job_out(load_job(state, client, job_id))
+
+
+@router.post(
+    "/{job_id}/push",
+    status_code=202,
+    response_model=JobOut,
+    summary="Push the results of a succeeded DICOMweb job into its study on the PACS (again)",
+    responses={**ERRORS, 503: {"model": Error, "description": "No PACS is configured."}},
+)
+def push_job(job_id: str, state: State, client: Caller) -> JobOut:
+    """Queue a push-back of the job's DICOM SEG and SR (409 unless it is a succeeded DICOMweb job)."""
+    job = load_job(state, client, job_id)
+    if job.state != JobState.SUCCEEDED or job.source != JobSource.DICOMWEB:
+        raise ApiError(
+            409, f"only succeeded DICOMweb jobs are pushed (this one is a {job.state} {job.source} job)"
+        )
+    if not state.settings.dicomweb_url.strip():
+        raise ApiError(503, "no PACS is configured for DICOMweb (set TTASEG_DICOMWEB_URL)")
+    job_ops.request_push(state.db, state.celery, job)
     return job_out(load_job(state, client, job_id))
