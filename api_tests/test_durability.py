@@ -41,7 +41,12 @@ def test_worker_killed_mid_job_is_rerun(make_stack, scan_dir, broker):
     results = sorted(
         p.name for p in (stack.root / "data" / "storage" / "jobs" / job_id / "results").iterdir()
     )
-    assert results == ["case00.json", "case00.nii.gz", "case01.json", "case01.nii.gz"]
+    # one run's outputs per scan (label map, record, source model's label map, uncertainty): nothing doubled
+    assert results == [
+        f"{case}{suffix}"
+        for case in ("case00", "case01")
+        for suffix in (".json", ".nii.gz", "_source.nii.gz", "_uncertainty.nii.gz")
+    ]
 
 
 def test_api_restart_during_job(make_stack, scan_dir):
