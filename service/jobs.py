@@ -77,41 +77,10 @@ def job_record(
     )
 
 
-def create_job(
-    db: Database,
-    storage: Storage,
-    *,
-    job_id: str,
-    client_id: str,
-    model_ref: str,
-    bundle_name: str,
-    bundle_version: str,
-    labels: dict[str, str],
-    adaptation: str,
-    steps: int | None,
-    domain: str | None,
-    queue: str,
-    scans: list[StagedScan],
-    source: JobSource = JobSource.UPLOAD,
-    study_uid: str | None = None,
-) -> Job:
-    """Move staged scans into storage and commit a queued job record."""
-    job = job_record(
-        job_id=job_id,
-        client_id=client_id,
-        model_ref=model_ref,
-        bundle_name=bundle_name,
-        bundle_version=bundle_version,
-        labels=labels,
-        adaptation=adaptation,
-        steps=steps,
-        domain=domain,
-        queue=queue,
-        source=source,
-        study_uid=study_uid,
-    )
+def create_job(db: Database, storage: Storage, job: Job, scans: list[StagedScan]) -> Job:
+    """Move staged scans into storage under ``job`` (a :func:`job_record`) and commit it, queued."""
     for position, staged in enumerate(scans):
-        key = input_key(job_id, staged)
+        key = input_key(job.id, staged)
         storage.put_path(key, staged.path, move=True)
         job.scans.append(
             Scan(

@@ -151,9 +151,7 @@ def record_job(
     **extra: Any,
 ) -> Recorded:
     """Write the queued record of a validated request (moving its staged scans into storage)."""
-    job = job_ops.create_job(
-        state.db,
-        state.storage,
+    record = job_ops.job_record(
         job_id=job_ops.new_job_id(),
         client_id=client.id,
         model_ref=options.model,
@@ -164,9 +162,9 @@ def record_job(
         steps=options.steps,
         domain=options.domain,
         queue=state.settings.job_queue,
-        scans=scans,
         **extra,
     )
+    job = job_ops.create_job(state.db, state.storage, record, scans)
     return Recorded(job.id, job.queue, [scan.name for scan in scans])
 
 
