@@ -390,3 +390,18 @@ def test_input_and_bundle_errors_map_to_422(tmp_path):
         assert client.get("/boom/input").json() == {"detail": "scan is 2D"}
         assert client.get("/boom/bundle").status_code == 422
         assert client.get("/boom/bug").status_code == 500  # a genuine bug is not disguised as bad input
+
+
+def test_jobs_of_pacs_studies_link_to_the_pacs_viewer():
+    from service.views import job_out
+
+    template = "http://pacs.example/viewer?StudyInstanceUID={study_uid}"
+    fields = dict(
+        client_id="alice", state="succeeded", progress=100.0, model_ref="m", bundle_name="m", bundle_version="1",
+        labels={}, adaptation="none", queue="cpu", attempts=1, created_at=utcnow(),
+    )  # fmt: skip
+    study = Job(id="a" * 32, source="dicomweb", study_uid="1.2.3", **fields)
+    upload = Job(id="b" * 32, source="upload", **fields)
+    assert job_out(study, pacs_viewer_url=template).pacs_viewer == template.replace("{study_uid}", "1.2.3")
+    assert job_out(study).pacs_viewer is None
+    assert job_out(upload, pacs_viewer_url=template).pacs_viewer is None

@@ -129,6 +129,11 @@ class Settings(BaseSettings):
         None, description="Folder of the built web app served at /ui; default service/web/dist."
     )
 
+    pacs_viewer_url: str = Field(
+        "",
+        description="Link to a study in the PACS viewer, `{study_uid}` replaced, shown on jobs of PACS studies.",
+    )
+
     @field_validator("job_queue")
     @classmethod
     def _queue_name(cls, value: str) -> str:

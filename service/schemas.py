@@ -129,6 +129,7 @@ class JobOut(BaseModel):
     domain: str | None = None
     source: JobSource
     study_uid: str | None = None
+    pacs_viewer: str | None = Field(None, description="The study in the PACS viewer, when one is configured.")
     queue: str
     device: str | None = None
     attempts: int

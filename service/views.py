@@ -51,9 +51,12 @@ def scan_out(job: Job, scan: Scan) -> ScanOut:
     return out
 
 
-def job_out(job: Job) -> JobOut:
-    """Public view of a job record."""
+def job_out(job: Job, *, pacs_viewer_url: str = "") -> JobOut:
+    """Public view of a job record; ``pacs_viewer_url`` (with ``{study_uid}``) links a PACS study's job to it."""
     state = JobState(job.state)
+    viewer = (
+        pacs_viewer_url.replace("{study_uid}", job.study_uid) if pacs_viewer_url and job.study_uid else None
+    )
     return JobOut(
         id=job.id,
         state=state,
@@ -69,6 +72,7 @@ def job_out(job: Job) -> JobOut:
         domain=job.domain,
         source=JobSource(job.source),
         study_uid=job.study_uid,
+        pacs_viewer=viewer,
         queue=job.queue,
         device=job.device,
         attempts=job.attempts,

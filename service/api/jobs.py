@@ -59,7 +59,7 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobOut, summary="Status of a job", responses=ERRORS)
 def get_job(job_id: str, state: State, client: Caller) -> JobOut:
     """State, progress, per-scan results and links of one of the caller's jobs."""
-    return job_out(load_job(state, client, job_id))
+    return job_out(load_job(state, client, job_id), pacs_viewer_url=state.settings.pacs_viewer_url)
 
 
 @router.delete("/{job_id}", response_model=JobOut, summary="Cancel a queued or running job", responses=ERRORS)
@@ -70,7 +70,7 @@ def cancel_job(job_id: str, state: State, client: Caller) -> JobOut:
         job = load_job(state, client, job_id)
         if job.state != JobState.CANCELLED:
             raise ApiError(409, f"job already {job.state}")
-    return job_out(load_job(state, client, job_id))
+    return job_out(load_job(state, client, job_id), pacs_viewer_url=state.settings.pacs_viewer_url)
 
 
 @router.post(
@@ -90,4 +90,4 @@ def push_job(job_id: str, state: State, client: Caller) -> JobOut:
     if not state.settings.dicomweb_url.strip():
         raise ApiError(503, "no PACS is configured for DICOMweb (set TTASEG_DICOMWEB_URL)")
     job_ops.request_push(state.db, state.celery, job)
-    return job_out(load_job(state, client, job_id))
+    return job_out(load_job(state, client, job_id), pacs_viewer_url=state.settings.pacs_viewer_url)

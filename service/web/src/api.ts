@@ -30,6 +30,7 @@ export interface Job {
   model: string;
   bundle: string;
   bundle_used: string | null;
+  pacs_viewer: string | null;
   adaptation: string;
   steps: number | null;
   domain: string | null;

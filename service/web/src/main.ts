@@ -259,6 +259,9 @@ function jobSummary(job: Job): HTMLElement {
     ],
     ["Fallbacks", `${job.fallbacks} of ${job.scans.length} scans`],
   ];
+  if (job.pacs_viewer) {
+    rows.push(["Study", h("a", { href: job.pacs_viewer, target: "_blank", rel: "noopener" }, "Open in the PACS viewer")]);
+  }
   return h(
     "div",
     {},
