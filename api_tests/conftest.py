@@ -84,23 +84,10 @@ def redis_server() -> str:
 @pytest.fixture(scope="session")
 def bundle_root(tmp_path_factory) -> Path:
     """Bundle folder for the service: an untrained phantom bundle plus the repository's committed bundles."""
-    import torch
-
-    from models.bundle import ModelCard, save_bundle
-    from models.network import GlobalLocalUNet
-    from models.phantom import PHANTOM_LABELS, PHANTOM_NETWORK, PHANTOM_PATCH, PHANTOM_SPACING
+    from models.phantom import save_untrained_bundle
 
     root = tmp_path_factory.mktemp("service-bundles")
-    torch.manual_seed(0)
-    card = ModelCard(
-        name="phantom",
-        version="1",
-        labels=PHANTOM_LABELS,
-        target_spacing=PHANTOM_SPACING,
-        patch_size=PHANTOM_PATCH,
-        description="untrained, for service tests",
-    )
-    save_bundle(GlobalLocalUNet(PHANTOM_NETWORK), card, root / "phantom")
+    save_untrained_bundle(root / "phantom")
     for card in sorted((REPO / "bundles").glob("*/model_card.json")):
         shutil.copytree(card.parent, root / card.parent.name)
     return root

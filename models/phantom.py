@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
 
 from models.network_config import NetworkConfig
+
+if TYPE_CHECKING:
+    from models.bundle import Bundle
 
 PHANTOM_LABELS = {0: "background", 1: "core", 2: "shell"}
 PHANTOM_SPACING = (1.5, 1.5, 3.0)
@@ -64,3 +68,23 @@ def write_phantoms(folder: str | Path, n: int, seed: int = 0, shift: str = "none
         sitk.WriteImage(lab, str(lp))
         out.append((ip, lp))
     return out
+
+
+def save_untrained_bundle(folder: str | Path, seed: int = 0) -> Bundle:
+    """An untrained bundle of the phantom architecture in ``folder`` (seconds to make): for tests of files
+    and plumbing, not of segmentation quality."""
+    import torch
+
+    from models.bundle import ModelCard, save_bundle
+    from models.network import GlobalLocalUNet
+
+    torch.manual_seed(seed)
+    card = ModelCard(
+        name="phantom",
+        version="1",
+        labels=PHANTOM_LABELS,
+        target_spacing=PHANTOM_SPACING,
+        patch_size=PHANTOM_PATCH,
+        description="untrained, for tests",
+    )
+    return save_bundle(GlobalLocalUNet(PHANTOM_NETWORK), card, folder)

@@ -15,6 +15,7 @@ from service.config import Settings
 from service.db import Database, Job, Scan
 from service.errors import ApiError, short
 from service.metrics import Metrics
+from service.states import ScanState
 from service.storage import Storage
 
 MAX_JOB_ID = 64
@@ -79,4 +80,17 @@ def load_scan(state: AppState, client: Client, job_id: str, scan_name: str) -> t
     scan = next((s for s in job.scans if s.name == scan_name), None)
     if scan is None:
         raise ApiError(404, f"job {job.id} has no scan {short(scan_name)!r}")
+    return job, scan
+
+
+def require_results(job: Job, scan: Scan) -> None:
+    """409 while the scan has no results (the job has not succeeded for it yet)."""
+    if scan.state != ScanState.SUCCEEDED or not scan.label_key or not scan.result_json_key:
+        raise ApiError(409, f"scan {scan.name!r} has no results (job is {job.state})")
+
+
+def finished_scan(state: AppState, client: Client, job_id: str, scan_name: str) -> tuple[Job, Scan]:
+    """The caller's job and its scan ``scan_name`` (404 when absent, 409 while it has no results)."""
+    job, scan = load_scan(state, client, job_id, scan_name)
+    require_results(job, scan)
     return job, scan

@@ -7,13 +7,11 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 import models.pipeline as pipeline
 from models.adaptation import AdaptConfig
-from models.bundle import Bundle, ModelCard, save_bundle
-from models.network import GlobalLocalUNet
-from models.phantom import PHANTOM_LABELS, PHANTOM_NETWORK, PHANTOM_PATCH, PHANTOM_SPACING, write_phantoms
+from models.bundle import Bundle
+from models.phantom import save_untrained_bundle, write_phantoms
 
 TINY = AdaptConfig(steps=2, batch_size=1, min_steps=1)
 
@@ -21,15 +19,7 @@ TINY = AdaptConfig(steps=2, batch_size=1, min_steps=1)
 @pytest.fixture(scope="module")
 def untrained(tmp_path_factory) -> Bundle:
     """An untrained phantom bundle: the files, not the segmentation quality, are under test."""
-    torch.manual_seed(0)
-    card = ModelCard(
-        name="phantom",
-        version="1",
-        labels=PHANTOM_LABELS,
-        target_spacing=PHANTOM_SPACING,
-        patch_size=PHANTOM_PATCH,
-    )
-    return save_bundle(GlobalLocalUNet(PHANTOM_NETWORK), card, tmp_path_factory.mktemp("bundle") / "phantom")
+    return save_untrained_bundle(tmp_path_factory.mktemp("bundle") / "phantom")
 
 
 def _array(path) -> np.ndarray:

@@ -11,14 +11,12 @@ from fastapi import APIRouter, Query, Response
 from fastapi.responses import FileResponse
 
 from models.io import read_image
-from service.auth import Client
 from service.db import Job, Scan
-from service.deps import AppState, Caller, State, load_scan
+from service.deps import AppState, Caller, State, finished_scan
 from service.dicom_seg import write_dicom_seg
 from service.errors import ApiError
 from service.overlay import render_overlay
 from service.schemas import ERRORS, SegmentationFormat, VolumesOut
-from service.states import ScanState
 
 router = APIRouter(prefix="/v1/jobs/{job_id}/scans/{scan}", tags=["results"])
 SEGMENTATION_FILES = {
@@ -27,14 +25,6 @@ SEGMENTATION_FILES = {
         "description": "The segmentation file.",
     }
 }
-
-
-def finished_scan(state: AppState, client: Client, job_id: str, scan_name: str) -> tuple[Job, Scan]:
-    """The caller's job and its scan ``scan_name`` (404 when absent, 409 while it has no results)."""
-    job, scan = load_scan(state, client, job_id, scan_name)
-    if scan.state != ScanState.SUCCEEDED or not scan.label_key:
-        raise ApiError(409, f"scan {scan.name!r} has no results (job is {job.state})")
-    return job, scan
 
 
 def dicom_seg_path(state: AppState, job: Job, scan: Scan) -> Path:

@@ -16,10 +16,9 @@ from fastapi.responses import FileResponse
 from models.io import read_image, write_image
 from models.terms import Method
 from service.db import Job, Scan
-from service.deps import AppState, Caller, State, load_scan
+from service.deps import AppState, Caller, State, finished_scan, load_scan, require_results
 from service.errors import ApiError
 from service.schemas import Error
-from service.states import ScanState
 
 router = APIRouter(tags=["results"])
 
@@ -76,21 +75,20 @@ def get_image(job_id: str, scan: str, state: State, client: Caller) -> FileRespo
     responses=ERRORS,
 )
 def get_report(job_id: str, scan: str, state: State, client: Caller) -> dict[str, Any]:
-    job, record = load_scan(state, client, job_id, scan)
-    report = _record(state, job, record)
+    job, record = finished_scan(state, client, job_id, scan)
+    report = _record(state, record)
     return {k: v for k, v in report.items() if k not in PRIVATE_FIELDS}
 
 
-def _record(state: AppState, job: Job, scan: Scan) -> dict[str, Any]:
-    """The pipeline's record of a finished scan (409 while it has none)."""
-    if scan.state != ScanState.SUCCEEDED or not scan.result_json_key or not scan.label_key:
-        raise ApiError(409, f"scan {scan.name!r} has no results (job is {job.state})")
+def _record(state: AppState, scan: Scan) -> dict[str, Any]:
+    """The pipeline's record of a finished scan."""
     return json.loads(state.storage.get(scan.result_json_key))
 
 
 def _result_file(state: AppState, job: Job, scan: Scan, field: str, suffix: str) -> FileResponse:
     """The file the scan's record names in ``field``, stored beside its label map (409 when it has none)."""
-    name = _record(state, job, scan).get(field)
+    require_results(job, scan)
+    name = _record(state, scan).get(field)
     key = f"{scan.label_key.rsplit('/', 1)[0]}/{name}" if isinstance(name, str) and "/" not in name else None
     if key is None or not state.storage.exists(key):
         raise ApiError(409, f"scan {scan.name!r} has no {suffix} map")
