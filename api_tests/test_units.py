@@ -405,3 +405,30 @@ def test_jobs_of_pacs_studies_link_to_the_pacs_viewer():
     assert job_out(study, pacs_viewer_url=template).pacs_viewer == template.replace("{study_uid}", "1.2.3")
     assert job_out(study).pacs_viewer is None
     assert job_out(upload, pacs_viewer_url=template).pacs_viewer is None
+
+
+@pytest.mark.parametrize(
+    "institution",
+    [
+        "../../etc/passwd",
+        "/abs/path",
+        "x" * 5000,
+        "\\\\server\\share",
+        "Ünïcødé ☢",
+        "",
+        "-_-",
+        "a/../../b\x00c",
+    ],
+)
+def test_site_domain_from_hostile_headers_is_a_safe_domain_key(institution):
+    import re
+
+    import pydicom
+
+    from service.schemas import DOMAIN_PATTERN
+
+    header = pydicom.Dataset()
+    header.InstitutionName = institution
+    header.Manufacturer = "ACME/../"
+    domain = site_domain(header)
+    assert re.fullmatch(DOMAIN_PATTERN, domain) and "/" not in domain and ".." not in domain, domain
