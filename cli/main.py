@@ -135,6 +135,14 @@ def evaluate(
         json_out.write_text(json.dumps(result, indent=2))
 
 
+def _train_config(options: dict, overrides: str | None) -> TrainConfig:
+    """Training settings from the command's options and a JSON object of further fields; a bad field exits 2."""
+    try:
+        return TrainConfig.model_validate({**options, **(json.loads(overrides) if overrides else {})})
+    except (ValueError, TypeError) as exc:
+        raise typer.BadParameter(f"--config: {exc}") from exc
+
+
 def _training_cases(
     images: Path, labels: Path | None, names: dict[int, str] | None, cfg: TrainConfig
 ) -> list:
@@ -217,22 +225,30 @@ def train(
         int, typer.Option(help="processes preparing augmented batches (0: none)")
     ] = TRAIN.workers,
     seed: Annotated[int, typer.Option()] = TRAIN.seed,
+    config: Annotated[
+        str | None,
+        typer.Option(
+            help="JSON object of further training settings (trainer.config.TrainConfig fields, e.g. the "
+            "network plan and patch size); they override the options above"
+        ),
+    ] = None,
 ) -> None:
     """Supervised source training with augmentation; keeps the best validation Dice; writes a bundle.
 
     Resumes from --work. Progress with the time left is a live bar in a terminal, plain lines in a log file."""
     from trainer.train import train_source
 
-    cfg = TrainConfig(
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        val_every=val_every,
-        seed=seed,
-        random_convolution_prob=random_convolution,
-        histogram_shift_prob=histogram_shift,
-        workers=workers,
-    )
+    options = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "val_every": val_every,
+        "seed": seed,
+        "random_convolution_prob": random_convolution,
+        "histogram_shift_prob": histogram_shift,
+        "workers": workers,
+    }
+    cfg = _train_config(options, config)
     names = _labels_file(label_names)
     cases = _training_cases(images, labels, names, cfg)
     train_cases, held = (cases[:-val_cases], cases[-val_cases:]) if val_cases else (cases, [])

@@ -14,6 +14,7 @@ from models.sampling import box_of, global_view, pad_to_patch
 
 Predictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 OVERLAP = 0.25
+SLICES_PER_CALL = 8  # windows per network call for slice-wise plans (patch one slice thick)
 
 
 def onnx_session(path: str | Path, device: str = "cpu"):
@@ -59,16 +60,28 @@ def predict_volume(
     """Class probabilities (C, z, y, x) for a normalised volume on the model grid."""
     padded, crop = pad_to_patch(array, patch)
     volume = torch.from_numpy(np.ascontiguousarray(padded))[None, None]
-    gview = global_view(volume, patch)
     shape = padded.shape
+    slice_wise = patch[0] == 1
+    whole = None if slice_wise else global_view(volume, patch)
 
     def window(local: torch.Tensor, slices: Sequence[Sequence[slice]]) -> torch.Tensor:
-        boxes = torch.stack([box_of([s.start for s in sl[-3:]], patch, shape) for sl in slices])
-        return predict(local, gview.expand(local.shape[0], -1, -1, -1, -1), boxes)
+        starts = [[s.start for s in sl[-3:]] for sl in slices]
+        boxes = torch.stack([box_of(st, patch, shape) for st in starts])
+        if slice_wise:
+            gviews = torch.cat([global_view(volume, patch, st[0]) for st in starts])
+        else:
+            gviews = whole.expand(local.shape[0], -1, -1, -1, -1)
+        return predict(local, gviews, boxes)
 
     with torch.no_grad():
         logits = sliding_window_inference(
-            volume, tuple(patch), 1, window, overlap=overlap, mode="gaussian", with_coord=True
+            volume,
+            tuple(patch),
+            SLICES_PER_CALL if slice_wise else 1,
+            window,
+            overlap=overlap,
+            mode="gaussian",
+            with_coord=True,
         )
     probs = torch.softmax(logits, dim=1)[0].numpy()
     return probs[(slice(None), *crop)]

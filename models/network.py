@@ -53,16 +53,17 @@ class GlobalLocalUNet(nn.Module):
     def __init__(self, config: NetworkConfig | None = None) -> None:
         super().__init__()
         self.config = cfg = config or NetworkConfig()
-        ch, k, s = cfg.channels, cfg.kernels, cfg.strides
+        ch, k, s, d = cfg.channels, cfg.in_plane(cfg.kernels), cfg.in_plane(cfg.strides), cfg.spatial_dims
         self.encoder = nn.ModuleList(
-            UnetResBlock(3, cfg.in_channels if i == 0 else ch[i - 1], ch[i], k[i], s[i], cfg.norm_layer)
+            UnetResBlock(d, cfg.in_channels if i == 0 else ch[i - 1], ch[i], k[i], s[i], cfg.norm_layer)
             for i in range(len(ch))
         )
-        self.fuse = UnetResBlock(3, 2 * ch[-1], ch[-1], 1, 1, cfg.norm_layer)
+        self.fuse = UnetResBlock(d, 2 * ch[-1], ch[-1], 1, 1, cfg.norm_layer)
         self.decoder = nn.ModuleList(
-            UnetUpBlock(3, ch[i + 1], ch[i], k[i], 1, s[i + 1], cfg.norm_layer)
+            UnetUpBlock(d, ch[i + 1], ch[i], k[i], 1, s[i + 1], cfg.norm_layer)
             for i in reversed(range(len(ch) - 1))
         )
+        # 1x1x1 heads on (B, C, z, y, x) features, whatever the plan's dimensions
         self.head = UnetOutBlock(3, ch[0], cfg.out_channels)
         self.global_head = UnetOutBlock(3, ch[0], cfg.out_channels)
         self.reconstruction_head = UnetOutBlock(3, ch[0], cfg.in_channels)
@@ -90,12 +91,23 @@ class GlobalLocalUNet(nn.Module):
         Both views go through the encoder and decoder as one batch, so batch normalisation sees the same mixture
         of local and global statistics in training, in inference and when statistics are re-estimated.
         """
-        b = local.shape[0]
-        feats = self.encode(torch.cat([local, global_view], dim=0))
+        b, flat = local.shape[0], self.config.spatial_dims == 2
+        x = torch.cat([local, global_view], dim=0)
+        feats = self.encode(x[:, :, 0] if flat else x)  # a 2D plan's patch is one slice: (B, C, y, x)
         local_bottleneck, global_bottleneck = feats[-1][:b], feats[-1][b:]
-        context = crop_resize(global_bottleneck, box, local_bottleneck.shape[2:])
+        if flat:
+            size = (1, *local_bottleneck.shape[2:])
+            context = crop_resize(global_bottleneck[:, :, None], box, size)[:, :, 0]
+        else:
+            context = crop_resize(global_bottleneck, box, local_bottleneck.shape[2:])
         fused = self.fuse(torch.cat([local_bottleneck, context], dim=1))
         decoded = self.decode(feats, torch.cat([fused, global_bottleneck], dim=0))
+        if flat:  # back to the (B, C, z, y, x) layout of the rest of the pipeline
+            decoded, local_bottleneck, context = (
+                decoded[:, :, None],
+                local_bottleneck[:, :, None],
+                context[:, :, None],
+            )
         return decoded[:b], decoded[b:], local_bottleneck, context
 
     def forward(self, local: torch.Tensor, global_view: torch.Tensor, box: torch.Tensor) -> GlobalLocalOutput:

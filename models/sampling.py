@@ -26,8 +26,14 @@ def pad_to_patch(array: np.ndarray, patch: Sequence[int]) -> tuple[np.ndarray, t
     return padded, tuple(crop)
 
 
-def global_view(volume: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
-    """The whole volume (B, C, z, y, x) downsampled to the patch grid."""
+def global_view(volume: torch.Tensor, patch: Sequence[int], z0: int = 0) -> torch.Tensor:
+    """The whole volume (B, C, z, y, x) resampled to the patch grid.
+
+    A patch one slice thick belongs to a slice-wise plan: its global view is the whole field of view of that
+    slice (``z0``), not the scan squeezed into one slice.
+    """
+    if patch[0] == 1:
+        volume = volume[:, :, z0 : z0 + 1]
     return F.interpolate(volume, size=tuple(patch), mode="trilinear", align_corners=False)
 
 
@@ -90,11 +96,12 @@ def make_views(
         sl = tuple(slice(s, s + p) for s, p in zip(start, patch, strict=True))
         vt = torch.from_numpy(np.ascontiguousarray(padded))[None, None]
         locs.append(vt[(0, slice(None), *sl)])
-        gviews.append(global_view(vt, patch)[0])
+        gviews.append(global_view(vt, patch, start[0])[0])
         boxes.append(box_of(start, patch, padded.shape))
         if labels is not None:
             lt = torch.from_numpy(np.ascontiguousarray(lab))[None, None]
             llabs.append(lt[(0, slice(None), *sl)].long())
+            lt = lt[:, :, start[0] : start[0] + 1] if patch[0] == 1 else lt
             glabs.append(F.interpolate(lt, size=tuple(patch), mode="nearest")[0].long())
     return Views(
         torch.stack(locs),

@@ -31,5 +31,6 @@ class TrainConfig(BaseModel):
     augment: bool = True
     random_convolution_prob: float = 0.8
     histogram_shift_prob: float = 0.0
+    location_scale_prob: float = 0.0
     seed: int = 0
     workers: int = 0

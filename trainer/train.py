@@ -78,8 +78,13 @@ class ViewStream(IterableDataset):
             torch.set_num_threads(1)  # many workers, one core each
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, self.start_step, worker])
+        labelled = [c.labels for c in self.cases if c.labels is not None]
         aug = training_augmentation(
-            int(rng.integers(2**31)), cfg.random_convolution_prob, cfg.histogram_shift_prob
+            int(rng.integers(2**31)),
+            cfg.random_convolution_prob,
+            cfg.histogram_shift_prob,
+            cfg.location_scale_prob,
+            n_classes=max((int(lab.max()) + 1 for lab in labelled), default=1),
         )
         while True:
             idx = rng.choice(len(self.cases), size=cfg.batch_size, replace=len(self.cases) < cfg.batch_size)
@@ -152,7 +157,7 @@ def train_source(
     ckpt = _resume(work / LAST, net, opt, sched)
     step, best, history = ckpt.get("step", 0), ckpt.get("best", {"dice_mean": -1.0}), ckpt.get("history", [])
     net.train()
-    start = time.perf_counter()
+    start = time.perf_counter() - ckpt.get("seconds", 0.0)  # training time before a resume counts too
     batches = view_batches(train_cases, cfg, labelled=True, start_step=step)
     progress(step, "resumed" if step else "")
     while step < cfg.steps:
@@ -167,7 +172,7 @@ def train_source(
         sched.step()
         step += 1
         if step % cfg.val_every == 0 or step == cfg.steps:
-            entry = {"step": step, "loss": float(loss)}
+            entry = {"step": step, "seconds": round(time.perf_counter() - start, 1), "loss": float(loss)}
             if val_cases:
                 entry |= validate(net, val_cases, cfg.patch_size, len(labels))
                 if entry["dice_mean"] > best["dice_mean"]:
@@ -175,7 +180,8 @@ def train_source(
                     torch.save(net.state_dict(), work / BEST)
             history.append(entry)
             state = {"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
-            _save(work / LAST, {**state, "step": step, "best": best, "history": history})
+            seconds = time.perf_counter() - start
+            _save(work / LAST, {**state, "step": step, "best": best, "history": history, "seconds": seconds})
             (work / HISTORY).write_text(json.dumps(history, indent=2))
         status = f"loss {float(loss):.3f}" + (f", best Dice {best['dice_mean']:.3f}" if val_cases else "")
         progress(step, status)

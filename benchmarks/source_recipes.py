@@ -1,0 +1,185 @@
+"""Source-training recipes side by side: network plan x augmentation x initialisation.
+
+Every arm is one `ttaseg train` command (the JSON records it) on the source domain's labelled scans, with the last
+cases held out; it is scored in-domain (the held-out cases, the card's validation Dice on the model grid) and on
+the target's labelled `val` scans without adaptation (`benchmarks.adaptation --methods none`, original grid). The
+training history gives Dice against training hours. Target labels are read for scoring only. Prints a table and
+writes JSON. Arms resume from their work folders, so a killed run picks up where it stopped.
+
+    .venv/bin/python -m benchmarks.source_recipes --source bssfp --arms 3d-gin 3d-gin-ls --steps 120
+    .venv/bin/python -m benchmarks.source_recipes --source bssfp --arms 3d-gin-ls --init shipped --steps 120
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import DATA, RESULTS, ROOT, command, machine, write_json
+
+PLAN_2D = {
+    "patch_size": [1, 128, 128],
+    "batch_size": 16,
+    "network": {
+        "channels": [16, 32, 64, 128, 256],
+        "kernels": [[1, 3, 3]] * 5,
+        "strides": [[1, 1, 1]] + [[1, 2, 2]] * 4,
+        "spatial_dims": 2,
+    },
+}
+ARMS = {
+    # name: TrainConfig fields over the trainer's defaults (the 3D global-local plan, GIN augmentation)
+    "3d-gin": {},
+    "3d-gin-ls": {"location_scale_prob": 0.5},
+    "2d-gin": PLAN_2D,
+    "2d-gin-ls": {**PLAN_2D, "location_scale_prob": 0.5},
+}
+SOURCES = {
+    # name: (labelled source folder, held-out cases, shipped bundle, target task scored without adaptation)
+    "bssfp": ("mscmr_bssfp", 5, "cardiac-bssfp", "bssfp-lge"),
+    "acdc": ("acdc_cine", 6, "cardiac-acdc", "acdc-bssfp"),
+}
+TTASEG = str(ROOT / ".venv" / "bin" / "ttaseg")
+
+
+def _run(cmd: list[str]) -> str:
+    """Run a command from the repository root; its stdout, or exit with its error."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def train_arm(arm: str, args: argparse.Namespace, prepared: Path, work: Path) -> dict:
+    """Train one arm (resuming from its work folder); its command, seconds, validation and history."""
+    _, held_out, shipped, _ = SOURCES[args.source]
+    overrides = {**ARMS[arm], "steps": args.steps, "val_every": args.val_every}
+    if args.lr is not None:
+        overrides["lr"] = args.lr
+    bundle = work / "bundle"
+    cmd = [
+        TTASEG,
+        "train",
+        "--images",
+        str(prepared),
+        "--label-names",
+        str(DATA / "cardiac" / "labels.json"),
+        "--name",
+        f"recipe-{arm}",
+        "--out",
+        str(bundle),
+        "--work",
+        str(work / "train"),
+        "--val-cases",
+        str(held_out),
+        "--seed",
+        str(args.seed),
+        "--largest-component",
+        "foreground",
+        "--config",
+        json.dumps(overrides),
+    ]
+    if args.init == "shipped":
+        cmd += ["--pretrained", str(ROOT / "bundles" / shipped / "weights.pt")]
+    start = time.perf_counter()
+    _run(cmd)
+    card = json.loads((bundle / "model_card.json").read_text())
+    history = json.loads((work / "train" / "history.json").read_text())
+    return {
+        "command": " ".join(cmd[1:]),
+        "seconds_this_run": round(time.perf_counter() - start, 1),
+        "training_seconds": card["training"]["seconds"],
+        "in_domain": card["validation"],
+        "curve": [{k: h[k] for k in ("step", "seconds", "dice_mean") if k in h} for h in history],
+        "bundle": str(bundle),
+    }
+
+
+def score_target(bundle: str, task: str, limit: int, out: Path) -> dict:
+    """Mean Dice of the bundle on the target's labelled scans without adaptation."""
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.adaptation",
+            "--task",
+            task,
+            "--bundle",
+            bundle,
+            "--methods",
+            "none",
+            "--limit",
+            str(limit),
+            "--out",
+            str(out),
+        ]
+    )
+    metrics = json.loads(out.read_text())["methods"]["none"]["metrics"]["mean"]
+    return {
+        "task": task,
+        "dice_mean": metrics["mean"]["dice"],
+        "dice": {k: v["dice"] for k, v in metrics.items() if k != "mean"},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--source", choices=sorted(SOURCES), default="bssfp")
+    parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=["3d-gin", "3d-gin-ls"])
+    parser.add_argument("--steps", type=int, default=120, help="training steps of every arm")
+    parser.add_argument("--val-every", type=int, default=30)
+    parser.add_argument(
+        "--init",
+        choices=["scratch", "shipped"],
+        default="scratch",
+        help="shipped: fine-tune the shipped bundle",
+    )
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the trainer's)")
+    parser.add_argument("--limit", type=int, default=5, help="target scans scored (its labelled val scans)")
+    parser.add_argument("--seed", type=int, default=10)
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "recipes")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    folder, _, _, task = SOURCES[args.source]
+    work = args.work / f"{args.source}-{args.init}-{args.steps}"
+    prepared = args.work / "data" / f"{folder}.npz"
+    if not prepared.exists():
+        prepared.parent.mkdir(parents=True, exist_ok=True)
+        src = DATA / "cardiac" / folder
+        _run(
+            [TTASEG, "prepare", "--images", str(src / "images"), "--labels", str(src / "labels")]
+            + ["--label-names", str(DATA / "cardiac" / "labels.json"), "--out", str(prepared)]
+        )
+    report = {
+        "source": args.source,
+        "init": args.init,
+        "steps": args.steps,
+        "machine": machine(),
+        "command": command("benchmarks.source_recipes"),
+        "arms": {},
+    }
+    out = args.out or RESULTS / f"source-recipes-{args.source}-{args.init}-{args.steps}.json"
+    print(f"{'arm':<12} {'train s':>8} {'in-domain':>10} {task + ' none':>16}")
+    for arm in args.arms:
+        arm_work = work / arm
+        run = train_arm(arm, args, prepared, arm_work)
+        run["target"] = score_target(run["bundle"], task, args.limit, arm_work / "target.json")
+        report["arms"][arm] = run
+        write_json(out, report)
+        print(
+            f"{arm:<12} {run['training_seconds']:>8.0f} {run['in_domain'].get('dice_mean', float('nan')):>10.3f}"
+            f" {run['target']['dice_mean']:>16.3f}",
+            flush=True,
+        )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
