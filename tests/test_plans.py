@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 from cli.main import app
 from models.bundle import load_bundle
 from models.inference import predict_volume, torch_predictor
-from models.network import GlobalLocalUNet
 from models.network_config import NetworkConfig
 from models.phantom import PHANTOM_LABELS
 from models.sampling import make_views

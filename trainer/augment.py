@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
 from monai.transforms import (
     Compose,
     MapTransform,
@@ -20,6 +19,7 @@ from monai.transforms import (
     RandShiftIntensityd,
     RandZoomd,
 )
+from scipy.ndimage import gaussian_filter
 
 
 class RandomConvolutionIntensityd(RandomizableTransform, MapTransform):
