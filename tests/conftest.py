@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from trainer.train import train_source
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-torch.set_num_threads(2)
+if "OMP_NUM_THREADS" not in os.environ:  # a machine shared with other work sets its own
+    torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")

@@ -59,15 +59,16 @@ def test_a_2d_plan_learns_the_phantoms_and_its_onnx_export_matches(phantom_dir, 
     )
     assert bundle.card.network.spatial_dims == 2
     assert bundle.card.validation["dice_mean"] > 0.6
-    net, card = load_bundle(tmp_path / "b")
-    probs = predict_volume(cases[6].image, torch_predictor(net), card.patch_size)
+    loaded = load_bundle(tmp_path / "b")
+    net = loaded.load_network().eval()
+    probs = predict_volume(cases[6].image, torch_predictor(net), loaded.card.patch_size)
     assert probs.shape == (3, *cases[6].image.shape)
     gen = torch.Generator().manual_seed(0)
     local, gview = torch.randn(3, 1, 1, 32, 32, generator=gen), torch.randn(3, 1, 1, 32, 32, generator=gen)
     box = torch.tensor([[0.0, 0.1, 0.2, 1.0, 0.6, 0.7]]).expand(3, 6)
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(tmp_path / "b" / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(loaded.onnx_path), providers=["CPUExecutionProvider"])
     expected = net(local, gview, box).local_logits.detach().numpy()
     got = session.run(["logits"], {"local": local.numpy(), "global_view": gview.numpy(), "box": box.numpy()})[
         0
