@@ -1,5 +1,6 @@
 """Dice per labelled scan, source model vs each adaptation method, for every benchmark result JSON; and
-mean Dice vs adaptation steps for every `benchmarks.adaptation_steps` JSON.
+mean Dice vs adaptation steps for every `benchmarks.adaptation_steps` JSON; and held-out source Dice vs training
+hours for every `benchmarks.source_recipes` JSON (``--recipes``).
 
 .venv/bin/python -m benchmarks.plot benchmarks/results/bssfp-lge.json benchmarks/results/acdc-bssfp.json \
     --steps benchmarks/results/acdc-bssfp-steps.json benchmarks/results/bssfp-lge-steps-batch5.json
@@ -40,7 +41,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "dice_per_scan.png")
     parser.add_argument("--steps", nargs="*", type=Path, default=[], help="adaptation_steps JSON files")
     parser.add_argument("--steps-out", type=Path, default=ROOT / "docs" / "img" / "dice_vs_steps.png")
+    parser.add_argument("--recipes", nargs="*", type=Path, default=[], help="source_recipes JSON files")
+    parser.add_argument(
+        "--recipes-out", type=Path, default=ROOT / "docs" / "img" / "dice_vs_training_hours.png"
+    )
     args = parser.parse_args()
+    if args.recipes:
+        plot_recipes([json.loads(p.read_text()) for p in args.recipes], args.recipes_out)
     if args.steps:
         plot_steps([json.loads(p.read_text()) for p in args.steps], args.steps_out)
     if not args.results:
@@ -71,6 +78,31 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
+
+
+def plot_recipes(reports: list[dict], out: Path) -> None:
+    """Held-out source Dice against training hours, one curve per recipe arm, one panel per source domain."""
+    sources = list(dict.fromkeys(r["source"] for r in reports))
+    fig, axes = plt.subplots(1, len(sources), figsize=(5.5 * len(sources), 3.8), squeeze=False)
+    for ax, source in zip(axes[0], sources, strict=True):
+        for report in (r for r in reports if r["source"] == source):
+            for arm, run in report["arms"].items():
+                points = [p for p in run["curve"] if "dice_mean" in p]
+                ax.plot(
+                    [p["seconds"] / 3600 for p in points],
+                    [p["dice_mean"] for p in points],
+                    marker="o",
+                    label=f"{arm} ({report['init']}, target none {run['target']['dice_mean']:.3f})",
+                )
+        ax.set_xlabel("training hours (this machine)")
+        ax.set_ylabel("held-out source Dice")
+        ax.set_title(f"source {source}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
 
 
 def plot_steps(reports: list[dict], out: Path) -> None:
