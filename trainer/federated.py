@@ -332,6 +332,7 @@ def train_federated(
     from trainer.train import device_name, training_card
 
     cfg, fed = cfg or TrainConfig(), fed or FederatedConfig()
+    fed = fed.model_copy(update={"mpl": fed.mpl.with_anatomy(largest_component)})
     if sum(s.labelled for s in sites) != 1 or len({s.name for s in sites}) != len(sites):
         raise ValueError("federated training needs exactly one labelled site and distinct site names")
     work = Path(work_dir)

@@ -82,7 +82,7 @@ def train_uda(
     progress = progress or (lambda phase, step, status: None)
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    target = unlabelled(target_cases)
+    target, mpl = unlabelled(target_cases), uda.mpl.with_anatomy(largest_component)
     if init_weights is None and uda.pretrain_steps:
         init_weights = pretrain_mae(
             unlabelled(source_cases) + target,
@@ -118,14 +118,14 @@ def train_uda(
         weight, mpl_loss, agreement = mpl_weight_at(step, uda), 0.0, float("nan")
         if weight:
             v = next(target_batches).to(device)
-            pseudo = mpl_pseudo_labels(teacher, v, uda.mpl)
-            mpl_loss, agreement = mpl_student_loss(student, v, pseudo, uda.mpl, gen)
+            pseudo = mpl_pseudo_labels(teacher, v, mpl)
+            mpl_loss, agreement = mpl_student_loss(student, v, pseudo, mpl, gen)
             loss = loss + weight * mpl_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        ema_update(teacher, student, uda.mpl.ema)
+        ema_update(teacher, student, mpl.ema)
         step += 1
         if step % cfg.val_every == 0 or step == cfg.steps:
             seconds = elapsed + time.perf_counter() - started
@@ -173,7 +173,7 @@ def train_uda(
             "val_cases": [c.case for c in val_cases],
             "weights": f"EMA teacher, last (step {step})",
             "config": cfg.model_dump(mode="json"),
-            "uda": uda.model_dump(mode="json"),
+            "uda": uda.model_copy(update={"mpl": mpl}).model_dump(mode="json"),
             "pretrained_from": str(init_weights) if init_weights else None,
             "seconds": round(seconds, 1),
             "device": device_name(device),
