@@ -172,7 +172,7 @@ def run_client(work: Path, site_index: int) -> None:
     labels = Path(site.labels) if site.labelled and site.labels else None
     cases = load_cases(Path(site.images), labels, names, cfg.target_spacing, cfg.normalisation)
     cases = cases if site.labelled else unlabelled(cases)
-    facts = {"site": site.name, "scans": len(cases), "labelled": site.labelled}
+    facts = {"site": site.name, "scans": len(cases), "labelled": site.labelled, "pid": os.getpid()}
     if site.labelled:
         facts |= {
             "cases": json.dumps([c.case for c in cases]),
