@@ -192,7 +192,9 @@ def run_client(work: Path, site_index: int) -> None:
         if phase == MAE or site.labelled:
             batches = view_batches(cases, cfg, labelled=phase != MAE, start_step=start)
         else:
-            target_cfg = cfg.model_copy(update={"batch_size": fed.target_batch_size, "augment": False})
+            target_cfg = cfg.model_copy(
+                update={"batch_size": fed.target_batch_size, "augment": False, "seed": cfg.seed + 1}
+            )
             batches = view_batches(cases, target_cfg, labelled=False, start_step=start)
             teacher = copy.deepcopy(net).eval()
         net.train()
@@ -261,6 +263,18 @@ def _start(work: Path, args: list[str], log: str) -> subprocess.Popen:
         )
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """Terminate a process this module started, killing it if it does not stop within 30 s."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def run_rounds(spec: Spec, work: Path, progress: RoundProgress, poll: float = 1.0) -> list[dict]:
     """Start the server and one client process per site, report finished rounds, and return the history."""
     work.mkdir(parents=True, exist_ok=True)
@@ -292,13 +306,14 @@ def run_rounds(spec: Spec, work: Path, progress: RoundProgress, poll: float = 1.
             raise RuntimeError(
                 f"the federated server exited with code {server.returncode}:\n" + _tail(work / "server.log")
             )
-        for client in clients:
-            client.wait(timeout=60)
+        for client in clients:  # the server has shut them down; a client that lingers is stopped below
+            try:
+                client.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                break
     finally:
         for proc in [server, *clients]:
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(timeout=30)
+            _stop(proc)
     history = json.loads((work / HISTORY).read_text())
     if len(history) < spec.total_rounds:
         raise RuntimeError(f"the server stopped after {len(history)} of {spec.total_rounds} rounds")

@@ -108,7 +108,10 @@ def train_uda(
     step, history, elapsed = ckpt.get("step", 0), ckpt.get("history", []), ckpt.get("seconds", 0.0)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     source_batches = view_batches(source_cases, cfg, labelled=True, start_step=step)
-    target_cfg = cfg.model_copy(update={"batch_size": uda.target_batch_size, "augment": False})
+    # a stream of its own (another seed), unaugmented: teacher and student see the same target views
+    target_cfg = cfg.model_copy(
+        update={"batch_size": uda.target_batch_size, "augment": False, "seed": cfg.seed + 1}
+    )
     target_batches = view_batches(target, target_cfg, labelled=False, start_step=step)
     student.train()
     started = time.perf_counter()
@@ -121,6 +124,7 @@ def train_uda(
             pseudo = mpl_pseudo_labels(teacher, v, mpl)
             mpl_loss, agreement = mpl_student_loss(student, v, pseudo, mpl, gen)
             loss = loss + weight * mpl_loss
+            mpl_loss = float(mpl_loss.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -131,8 +135,8 @@ def train_uda(
             seconds = elapsed + time.perf_counter() - started
             entry = {
                 "step": step,
-                "loss": float(loss),
-                "mpl_loss": float(mpl_loss),
+                "loss": float(loss.detach()),
+                "mpl_loss": mpl_loss,
                 "seconds": round(seconds, 1),
             }
             entry |= {"agreement": agreement} if weight else {}
@@ -145,7 +149,7 @@ def train_uda(
             save_checkpoint(work / LAST, {**state, "step": step, "history": history, "seconds": seconds})
             (work / HISTORY).write_text(json.dumps(history, indent=2))
         progress(
-            TRAINING, step, f"loss {float(loss):.3f}" + (f", mpl {float(mpl_loss):.3f}" if weight else "")
+            TRAINING, step, f"loss {float(loss.detach()):.3f}" + (f", mpl {mpl_loss:.3f}" if weight else "")
         )
     seconds = elapsed + time.perf_counter() - started
     teacher.cpu()
