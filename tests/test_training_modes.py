@@ -126,7 +126,7 @@ def test_uda_beats_source_only_on_a_noisier_scanner(phantom_dir, target_dir, cfg
         uda = UdaConfig(pretrain_steps=0, warmup_steps=0, mpl_weight=weight, target_batch_size=2, mpl=MPL)
         bundle = train_uda(
             source, target, [], PHANTOM_LABELS, work_dir=tmp_path / f"w{weight}", out_bundle=tmp_path / f"b{weight}",
-            name="u", cfg=cfg.model_copy(update={"steps": 30}), uda=uda, init_weights=source_weights,
+            name="u", cfg=cfg.model_copy(update={"steps": 30, "lr": 1e-3}), uda=uda, init_weights=source_weights,
         )  # fmt: skip
         dice[weight] = _target_dice(bundle, target_dir, cfg)
     assert dice[1.0] > dice[0.0] + 0.01, dice
