@@ -119,6 +119,7 @@ def test_uda_pretrains_resumes_and_never_reads_target_labels(phantom_dir, target
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # source model + two trainings: minutes on a shared 2-core machine
 def test_uda_beats_source_only_on_a_noisier_scanner(phantom_dir, target_dir, cfg, source_weights, tmp_path):
     source, target = _cases(phantom_dir, cfg), _cases(target_dir, cfg, labelled=False)
     dice = {}
@@ -166,6 +167,7 @@ def test_federated_sites_train_in_their_own_processes(phantom_dir, target_dir, c
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # two federated runs, each starting three processes
 def test_federated_resumes_after_the_last_finished_round(phantom_dir, target_dir, cfg, tmp_path):
     rounds = []
     run = {"work_dir": tmp_path / "w", "out_bundle": tmp_path / "b", "name": "f", "cfg": cfg}
@@ -188,6 +190,7 @@ def test_federated_resumes_after_the_last_finished_round(phantom_dir, target_dir
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # source model + two trainings: minutes on a shared 2-core machine
 def test_federated_beats_source_only_on_a_noisier_scanner(
     phantom_dir, target_dir, cfg, source_weights, tmp_path
 ):
