@@ -1,9 +1,11 @@
-"""Hyper-parameters of source training and pretraining, without torch: the CLI reads its defaults from here."""
+"""Hyper-parameters of training (source, uda, federated) and pretraining, without torch: the CLI reads its
+defaults from here."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel
 
+from models.mpl_config import MplConfig
 from models.network_config import NetworkConfig
 from models.preprocessing import Normalisation
 
@@ -34,3 +36,29 @@ class TrainConfig(BaseModel):
     location_scale_prob: float = 0.0
     seed: int = 0
     workers: int = 0
+
+
+class UdaConfig(BaseModel):
+    """Labelled source and unlabelled target scans trained together (MAPSeg's centralised setting)."""
+
+    pretrain_steps: int = PRETRAIN_STEPS  # masked-autoencoder steps on source + target before joint training
+    warmup_steps: int = 500  # supervised source steps before the target's pseudo-labels count
+    mpl_weight: float = 1.0  # weight of the target's masked pseudo-label loss beside the supervised loss
+    target_batch_size: int = 4
+    mpl: MplConfig = MplConfig(ema=0.99)
+
+
+class FederatedConfig(BaseModel):
+    """Sites that keep their scans and share weights by FedAvg rounds (MAPSeg's federated setting).
+
+    Every round each site starts from the global weights and runs ``local_steps``: masked-autoencoder steps in the
+    first ``mae_rounds``, then supervised steps at the labelled site and masked pseudo-labelling at the others,
+    which join after ``warmup_rounds`` (their pseudo-labels need a teacher that has seen labels).
+    """
+
+    mae_rounds: int = 5
+    rounds: int = 40  # segmentation rounds after the masked-autoencoder rounds
+    warmup_rounds: int = 5
+    local_steps: int = 100
+    target_batch_size: int = 4
+    mpl: MplConfig = MplConfig(ema=0.99)
