@@ -65,6 +65,16 @@ def _resume(path: Path, net: torch.nn.Module, opt: torch.optim.Optimizer, sched=
     return ckpt
 
 
+def load_initial_weights(net: torch.nn.Module, path: str | Path) -> None:
+    """Start from the weights in ``path`` (MAE or source weights) whose names and shapes match the network's."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("net", state)
+    own = net.state_dict()
+    net.load_state_dict(
+        {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False
+    )
+
+
 class ViewStream(IterableDataset):
     """Endless batches of augmented global-local views; each data-loader worker draws its own random stream."""
 
@@ -139,12 +149,7 @@ def train_source(
     torch.manual_seed(cfg.seed)
     net = GlobalLocalUNet(cfg.network.model_copy(update={"out_channels": len(labels)}))
     if init_weights:
-        state = torch.load(init_weights, map_location="cpu", weights_only=True)
-        state = state.get("net", state)
-        own = net.state_dict()
-        net.load_state_dict(
-            {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False
-        )
+        load_initial_weights(net, init_weights)
     net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
