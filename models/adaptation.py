@@ -7,7 +7,8 @@ Methods, chosen by name (:class:`models.terms.Method`):
 - ``tent``: entropy minimisation on the normalisation layers' affine parameters (Wang et al., ICLR 2021).
 - ``mpl``: masked pseudo-labelling (MAPSeg, CVPR 2024): an EMA teacher labels unmasked global-local views, a
   student learns to reproduce those labels from masked and unmasked views, with the global auxiliary head and a
-  local-global cosine term; the teacher follows the student by EMA and is the adapted model.
+  local-global cosine term; the teacher follows the student by EMA and is the adapted model. The step itself
+  is :mod:`models.mpl`, which the training modes share.
 None of them ever sees a label.
 """
 
@@ -17,24 +18,23 @@ import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from pydantic import BaseModel
 from torch import nn
 
-from models.network import GlobalLocalUNet, cosine_consistency, crop_resize
-from models.postprocessing import LargestComponent, keep_largest_component
-from models.sampling import Views, block_mask, make_views
+from models.mpl import ema_update, mpl_pseudo_labels, mpl_student_loss
+from models.mpl_config import MplConfig
+from models.network import GlobalLocalUNet
+from models.postprocessing import LargestComponent
+from models.sampling import Views, make_views
 from models.terms import Method
 
 MIN_SHARE = 1e-3  # a structure below this share of a scan's global view is absent from it
 Progress = Callable[[float], None]
 
 
-class AdaptConfig(BaseModel):
+class AdaptConfig(MplConfig):
     """Hyper-parameters of test-time adaptation; the defaults are the shipped settings."""
 
     # a step is compute-bound (about 5 to 7 s on 2 CPU cores): 70 keeps 15 scans within 10 minutes there
@@ -42,21 +42,8 @@ class AdaptConfig(BaseModel):
     batch_size: int = 2
     lr: float = 2e-3
     tent_lr: float = 1e-3
-    ema: float = 0.95
-    mask_ratio: float = 0.7
-    mask_block: tuple[int, int, int] = (2, 16, 16)
-    confidence: float = 0.8
-    # spatial axes (0 slices, 1 rows, 2 columns) along which the teacher also labels the mirrored views: its
-    # pseudo-labels are then the mean of the plain and mirrored predictions (an ablation: on the cardiac tasks
-    # it made the student lose the right ventricle)
-    teacher_flips: tuple[Literal[0, 1, 2], ...] = ()
-    pseudo_label_clean_up: LargestComponent | None = None  # None: as the label maps' clean-up
-    student_sees_unmasked: bool = True
-    global_weight: float = 0.5
-    cosine_weight: float = 0.1
     norm_batches: int = 12
     mpl_norm_statistics: bool = True
-    dice_weight: float = 1.0
     min_steps: int = 20
     settle_window: int = 30
     settle_tolerance: float = 0.02
@@ -184,86 +171,6 @@ def _tent(
     return result
 
 
-def _pseudo_label_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, dice_weight: float):
-    """Confidence-weighted cross-entropy plus a soft Dice term that keeps small structures from being outvoted."""
-    ce = F.cross_entropy(logits, target, reduction="none")
-    loss = (ce * weight).sum() / weight.sum().clamp_min(1.0)
-    if dice_weight:
-        probs = torch.softmax(logits, 1)
-        onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).float()
-        w = weight[:, None]
-        dims = (0, 2, 3, 4)
-        inter = (probs * onehot * w).sum(dims)
-        denom = ((probs + onehot) * w).sum(dims)
-        present = onehot.sum(dims)[1:] > 0
-        dice = (2 * inter + 1e-5) / (denom + 1e-5)
-        if present.any():
-            loss = loss + dice_weight * (1 - dice[1:][present].mean())
-    return loss
-
-
-def clean_pseudo_labels(
-    pseudo_local: torch.Tensor,
-    pseudo_global: torch.Tensor,
-    box: torch.Tensor,
-    *,
-    mode: LargestComponent,
-    n_classes: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher labels with foreground outside the organ set to background: (local, global).
-
-    The global view shows the whole scan, so its largest connected object decides where the organ is; a local
-    patch keeps its foreground only inside that object, dilated by one to two global voxels.
-    """
-    if mode == LargestComponent.off:
-        return pseudo_local, pseudo_global
-    kept = np.stack(
-        [keep_largest_component(g, n_classes, mode) for g in pseudo_global.cpu().numpy().astype(np.uint8)]
-    )
-    kept_global = torch.from_numpy(kept).to(pseudo_global)
-    organ = F.max_pool3d((kept_global > 0).float()[:, None], (3, 5, 5), stride=1, padding=(1, 2, 2))
-    inside = crop_resize(organ, box, pseudo_local.shape[1:])[:, 0] > 0
-    return torch.where(inside, pseudo_local, torch.zeros_like(pseudo_local)), kept_global
-
-
-def _mirrored(local: torch.Tensor, gview: torch.Tensor, box: torch.Tensor, axis: int):
-    """The views mirrored along spatial ``axis``, with the patch's box mirrored inside the scan."""
-    flipped = box.clone()
-    flipped[:, axis], flipped[:, axis + 3] = 1 - box[:, axis + 3], 1 - box[:, axis]
-    return local.flip(axis + 2), gview.flip(axis + 2), flipped
-
-
-@torch.no_grad()
-def teacher_probabilities(
-    teacher: GlobalLocalUNet,
-    local: torch.Tensor,
-    gview: torch.Tensor,
-    box: torch.Tensor,
-    *,
-    flips: Sequence[int],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The teacher's local and global class probabilities, averaged over the plain views and their mirror images
-    along each of ``flips``, and its local logits on the plain views."""
-    out = teacher(local, gview, box)
-    p_local, p_global = torch.softmax(out.local_logits, 1), torch.softmax(out.global_logits, 1)
-    for axis in flips:
-        mirrored = teacher(*_mirrored(local, gview, box, axis))
-        p_local += torch.softmax(mirrored.local_logits, 1).flip(axis + 2)
-        p_global += torch.softmax(mirrored.global_logits, 1).flip(axis + 2)
-    if flips:
-        p_local, p_global = p_local / (1 + len(flips)), p_global / (1 + len(flips))
-    return p_local, p_global, out.local_logits
-
-
-@torch.no_grad()
-def _ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    for t, s in zip(teacher.state_dict().values(), student.state_dict().values(), strict=True):
-        if t.dtype.is_floating_point:
-            t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
-        else:
-            t.copy_(s)
-
-
 def _settled(history: list[dict[str, float]], cfg: AdaptConfig) -> bool:
     if len(history) < max(cfg.min_steps, 2 * cfg.settle_window):
         return False
@@ -297,46 +204,20 @@ def _mpl(
     result = AdaptResult(net=teacher, method=Method.MPL)
     result.snapshot(0, teacher, snapshot_steps)
     for step in range(steps):
-        v = _random_views(volumes, patch, cfg, rng)
-        local, gview, box = v.local.to(dev), v.global_view.to(dev), v.box.to(dev)
-        with torch.no_grad():
-            t_local, t_global, t_logits = teacher_probabilities(
-                teacher, local, gview, box, flips=cfg.teacher_flips
-            )
-            conf_l, pseudo_l = t_local.max(1)
-            conf_g, pseudo_g = t_global.max(1)
-            w_l, w_g = (conf_l >= cfg.confidence).float(), (conf_g >= cfg.confidence).float()
-            pseudo_l, pseudo_g = clean_pseudo_labels(
-                pseudo_l,
-                pseudo_g,
-                box,
-                mode=cfg.pseudo_label_clean_up or LargestComponent.off,
-                n_classes=t_local.shape[1],
-            )
-        mask_l = block_mask(local.shape, cfg.mask_block, cfg.mask_ratio, gen).to(dev)
-        mask_g = block_mask(gview.shape, cfg.mask_block, cfg.mask_ratio, gen).to(dev)
-        loss = torch.zeros((), device=dev)
-        views = [(local * mask_l, gview * mask_g)] + ([(local, gview)] if cfg.student_sees_unmasked else [])
-        for loc_in, glob_in in views:
-            s_out = student(loc_in, glob_in, box)
-            loss = loss + _pseudo_label_loss(s_out.local_logits, pseudo_l, w_l, cfg.dice_weight)
-            loss = loss + cfg.global_weight * _pseudo_label_loss(
-                s_out.global_logits, pseudo_g, w_g, cfg.dice_weight
-            )
-            loss = loss + cfg.cosine_weight * cosine_consistency(s_out.local_features, s_out.global_context)
-        # agreement of the student's last view (unmasked when it sees one) with the teacher's labels
-        agreement = float((s_out.local_logits.argmax(1) == pseudo_l).float().mean())
+        v = _random_views(volumes, patch, cfg, rng).to(dev)
+        pseudo = mpl_pseudo_labels(teacher, v, cfg)
+        loss, agreement = mpl_student_loss(student, v, pseudo, cfg, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        _ema_update(teacher, student, cfg.ema)
+        ema_update(teacher, student, cfg.ema)
         result.history.append(
             {
                 "step": step,
                 "loss": float(loss.detach()),
                 "agreement": agreement,
-                "teacher_entropy": float(_entropy(t_logits).mean()),
-                "confident_fraction": float(w_l.mean()),
+                "teacher_entropy": float(_entropy(pseudo.teacher_logits).mean()),
+                "confident_fraction": float(pseudo.local_weight.mean()),
             }
         )
         result.steps_run = step + 1

@@ -1,4 +1,4 @@
-"""The ML core's domain words, defined once: adaptation methods and the phases of a batch run.
+"""The ML core's domain words, defined once: adaptation methods, training modes and the phases of a batch run.
 
 No torch import here: the service and the CLI validate against these without loading the ML stack.
 
@@ -9,6 +9,12 @@ Methods:
 - ``mpl``: masked pseudo-labelling with global-local views (MAPSeg, CVPR 2024).
 
 ``models.adaptation`` implements them.
+
+Training modes (``ttaseg train --mode``; ``trainer`` implements them):
+- ``source``: supervised training on labelled source scans.
+- ``uda``: labelled source and unlabelled target scans trained together (MAPSeg's centralised setting).
+- ``semi``: a few labelled and many unlabelled scans of one domain.
+- ``federated``: sites that keep their scans and share only weights (MAPSeg's federated setting, FedAvg).
 """
 
 from __future__ import annotations
@@ -33,6 +39,15 @@ class Method(StrEnum):
     def takes_steps(self) -> bool:
         """Whether the method runs gradient steps (``tent``, ``mpl``)."""
         return self in (Method.TENT, Method.MPL)
+
+
+class TrainMode(StrEnum):
+    """How a bundle was trained: which scans it saw and whether they left their site."""
+
+    SOURCE = "source"
+    UDA = "uda"
+    SEMI = "semi"
+    FEDERATED = "federated"
 
 
 class Phase(StrEnum):

@@ -173,7 +173,7 @@ def test_foreground_connectedness_penalises_scattered_structures():
 def test_pseudo_label_clean_up_drops_foreground_outside_the_global_organ():
     import torch
 
-    from models.adaptation import clean_pseudo_labels
+    from models.mpl import clean_pseudo_labels
     from models.postprocessing import LargestComponent
 
     pseudo_global = torch.zeros(1, 8, 32, 32, dtype=torch.long)
@@ -283,7 +283,7 @@ def test_mirrored_teacher_labels_a_mirrored_scan_as_the_mirror_image():
     """Averaging the teacher over mirrored views (box mirrored too) makes its pseudo-labels mirror-equivariant."""
     import torch
 
-    from models.adaptation import teacher_probabilities
+    from models.mpl import teacher_probabilities
     from models.network import GlobalLocalUNet
 
     torch.manual_seed(0)
