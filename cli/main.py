@@ -13,7 +13,7 @@ from rich.table import Table
 
 from cli.progress import ProgressReport
 from models.postprocessing import LargestComponent
-from models.terms import Method, Phase
+from models.terms import Method, Phase, TrainMode
 from trainer.config import PRETRAIN_STEPS, TrainConfig
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -217,11 +217,27 @@ def train(
         int, typer.Option(help="processes preparing augmented batches (0: none)")
     ] = TRAIN.workers,
     seed: Annotated[int, typer.Option()] = TRAIN.seed,
+    mode: Annotated[
+        TrainMode,
+        typer.Option(
+            help="source: the labelled scans alone; semi: plus unlabelled scans of any domains (UST-RUN)"
+        ),
+    ] = TrainMode.SOURCE,
+    unlabelled: Annotated[
+        list[Path] | None,
+        typer.Option(help="--mode semi: folder of unlabelled scans or prepared .npz (repeatable)"),
+    ] = None,
 ) -> None:
-    """Supervised source training with augmentation; keeps the best validation Dice; writes a bundle.
+    """Train a bundle with augmentation; keeps the best validation Dice; writes a bundle.
 
     Resumes from --work. Progress with the time left is a live bar in a terminal, plain lines in a log file."""
+    from trainer.semi import train_semi
     from trainer.train import train_source
+
+    if mode not in (TrainMode.SOURCE, TrainMode.SEMI):
+        raise _fail(ValueError(f"--mode {mode.value} is not available in this command"))
+    if (mode is TrainMode.SEMI) != bool(unlabelled):
+        raise _fail(ValueError("--unlabelled goes with --mode semi, and --mode semi needs it"))
 
     cfg = TrainConfig(
         steps=steps,
@@ -236,22 +252,28 @@ def train(
     names = _labels_file(label_names)
     cases = _training_cases(images, labels, names, cfg)
     train_cases, held = (cases[:-val_cases], cases[-val_cases:]) if val_cases else (cases, [])
+    run = {
+        "work_dir": work,
+        "out_bundle": out,
+        "name": name,
+        "cfg": cfg,
+        "init_weights": pretrained,
+        "training_summary": {
+            "images": str(images),
+            "labels": str(labels) if labels else None,
+            "unlabelled": [str(d) for d in unlabelled or []],
+        },
+        "version": version,
+        "device": device,
+        "largest_component": largest_component,
+    }
+    pool = [c for d in unlabelled or [] for c in _training_cases(d, None, None, cfg)]
     with ProgressReport(console, {"training": cfg.steps}, unit="steps") as report:
-        bundle = train_source(
-            train_cases,
-            held,
-            names,
-            work_dir=work,
-            out_bundle=out,
-            name=name,
-            cfg=cfg,
-            init_weights=pretrained,
-            training_summary={"images": str(images), "labels": str(labels) if labels else None},
-            version=version,
-            device=device,
-            largest_component=largest_component,
-            progress=lambda step, status: report.update("training", step, status),
-        )
+        run["progress"] = lambda step, status: report.update("training", step, status)
+        if mode is TrainMode.SEMI:
+            bundle = train_semi(train_cases, pool, held, names, **run)
+        else:
+            bundle = train_source(train_cases, held, names, **run)
     validation = bundle.card.validation
     if "dice_mean" in validation:
         console.print(

@@ -53,15 +53,19 @@ def amplitude_mix(image: np.ndarray, style: np.ndarray, share: float, band: floa
     """``image`` with the low-frequency part of its amplitude spectrum moved ``share`` of the way to ``style``'s.
 
     Both are (z, y, x) on one grid; the low frequencies are the centred window of half-width ``band`` times each
-    axis length (at least the zero frequency). The phase, and with it the anatomy, stays ``image``'s.
+    axis length (at least the zero frequency). The phase, and with it the anatomy, stays ``image``'s. Both are
+    shifted by their common minimum first, so that normalised scans (mean near zero) keep their sign.
     """
-    spectrum = np.fft.fftshift(np.fft.fftn(image))
-    target = np.abs(np.fft.fftshift(np.fft.fftn(style)))
+    offset = min(
+        float(image.min()), float(style.min())
+    )  # non-negative scans: the zero frequency's phase is 0
+    spectrum = np.fft.fftshift(np.fft.fftn(image - offset))
+    target = np.abs(np.fft.fftshift(np.fft.fftn(style - offset)))
     amplitude, phase = np.abs(spectrum), np.angle(spectrum)
     window = tuple(slice(n // 2 - int(n * band), n // 2 + int(n * band) + 1) for n in image.shape)
     amplitude[window] = (1 - share) * amplitude[window] + share * target[window]
     mixed = np.fft.ifftn(np.fft.ifftshift(amplitude * np.exp(1j * phase)))
-    return np.real(mixed).astype(np.float32)
+    return (np.real(mixed) + offset).astype(np.float32)
 
 
 def paste(base: np.ndarray, other: np.ndarray, box: np.ndarray) -> np.ndarray:

@@ -33,6 +33,7 @@ from models.mpl import PseudoLabels, ema_update, mpl_pseudo_labels, mpl_student_
 from models.network import GlobalLocalUNet
 from models.postprocessing import LargestComponent
 from models.sampling import Views, make_views
+from models.terms import TrainMode
 from trainer.augment import augment, strong_augmentation, training_augmentation
 from trainer.config import SemiConfig, TrainConfig
 from trainer.data import TrainingCase, source_volume_ranges
@@ -391,7 +392,7 @@ def train_semi(
         network=teacher.config,
         training={
             **(training_summary or {}),
-            "mode": "semi",
+            "mode": TrainMode.SEMI.value,
             "rule": RULE,
             "labelled_cases": [c.case for c in labelled],
             "unlabelled_cases": [c.case for c in unlabelled],
