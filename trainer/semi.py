@@ -3,9 +3,9 @@
 Mixed-domain semi-supervised training after UST-RUN (Ma et al., "Unleashing the Power of Intermediate Domains
 for Mixed Domain Semi-Supervised Medical Image Segmentation", IEEE TMI 2025), on global-local views with the
 masked pseudo-labelling of test-time ``mpl`` (:mod:`models.mpl`). Every step, for each unlabelled scan drawn:
-- a pasted scan, labelled or from the pool of reliable unlabelled scans, has the low-frequency amplitude of its
-  spectrum moved towards the unlabelled scan's by a random share of at most the training progress
-  (random-amplitude MixUp);
+- a scan to paste, labelled or from the pool of reliable unlabelled scans, has the low-frequency amplitude of
+  its spectrum moved towards the unlabelled scan's, in the student's copy, by a random share of at most the
+  training progress (random-amplitude MixUp);
 - unified copy-paste makes two intermediate scans, a box of the pasted scan in the unlabelled one and the
   reverse; the student learns them (with a stronger appearance perturbation of the unlabelled part) from the
   labels, or the teacher's pseudo-labels, mixed the same way;
@@ -180,8 +180,9 @@ class _Sampler:
 
     def mixed_views(self, pool: ReliablePool, progress: float) -> tuple[list[int], list[Views], torch.Tensor]:
         """Unlabelled scans drawn, and the aligned views of: the plain scan, its strong perturbation, the two
-        intermediate scans (teacher's and student's versions), the pasted scan, its labels and the box; and
-        which pasted scans carry reference labels."""
+        intermediate scans as the teacher sees them (plain) and as the student does (perturbed unlabelled part,
+        amplitude-mixed pasted part), the pasted scan, its labels and the box; and which pasted scans carry
+        reference labels."""
         cfg, semi, rng = self.cfg, self.semi, self.rng
         size = min(cfg.batch_size, len(self.unlabelled))
         idx = [int(i) for i in rng.choice(len(self.unlabelled), size=size, replace=False)]
@@ -207,9 +208,9 @@ class _Sampler:
                 [
                     u,
                     strong,
-                    paste(u, styled, box),  # unlabelled around a pasted box
-                    paste(styled, u, box),  # pasted around an unlabelled box
-                    paste(strong, styled, box),
+                    paste(u, donor, box),  # unlabelled around a pasted box, as the teacher sees it
+                    paste(donor, u, box),  # pasted around an unlabelled box
+                    paste(strong, styled, box),  # as the student sees them
                     paste(styled, strong, box),
                     donor,
                     labels,
