@@ -8,7 +8,7 @@ labels of scans that neither run trained on with labels: every ACDC scan, the 20
 Prints a table per domain and writes JSON with the machine and the seconds each run took.
 
     .venv/bin/python -m benchmarks.training_semi --steps 5000 --semi-steps 2000
-    .venv/bin/python -m benchmarks.training_semi --steps 42 --semi-steps 2 --pool-limit 2 --score-limit 1  # smoke
+    .venv/bin/python -m benchmarks.training_semi --steps 2 --semi-steps 2 --pool-limit 1 --score-limit 1  # smoke
 """
 
 from __future__ import annotations
