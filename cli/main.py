@@ -14,11 +14,12 @@ from rich.table import Table
 from cli.progress import ProgressReport
 from models.postprocessing import LargestComponent
 from models.terms import Method, Phase, TrainMode
-from trainer.config import PRETRAIN_STEPS, TrainConfig
+from trainer.config import PRETRAIN_STEPS, FederatedConfig, TrainConfig, UdaConfig
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_show_locals=False)
 console = Console(stderr=True)
 TRAIN = TrainConfig()  # the shipped training settings: the defaults of `train` and `pretrain`
+UDA, FEDERATED = UdaConfig(), FederatedConfig()
 
 Bundles = Annotated[
     Path | None,
@@ -135,20 +136,6 @@ def evaluate(
         json_out.write_text(json.dumps(result, indent=2))
 
 
-def _training_cases(
-    images: Path, labels: Path | None, names: dict[int, str] | None, cfg: TrainConfig
-) -> list:
-    """Cases from a prepared ``.npz`` (``ttaseg prepare``), a folder of images (+ labels) or a CSV."""
-    from trainer.data import image_files, labelled_pairs, load_case, load_prepared
-
-    if images.suffix == ".npz":
-        return load_prepared(images, cfg.target_spacing, cfg.normalisation)
-    grid = {"spacing": cfg.target_spacing, "normalisation": cfg.normalisation}
-    if names is None:
-        return [load_case(f, None, **grid) for f in image_files(images)]
-    return [load_case(i, lab, **grid, n_classes=len(names)) for i, lab in labelled_pairs(images, labels)]
-
-
 @app.command()
 def prepare(
     images: Annotated[Path, typer.Option(help="folder of images, or a CSV with image,label columns")],
@@ -159,10 +146,10 @@ def prepare(
     ] = None,
 ) -> None:
     """Resample and normalise scans for training once, into one file that `train --images` reads anywhere."""
-    from trainer.data import save_prepared
+    from trainer.data import load_cases, save_prepared
 
     names = _labels_file(label_names) if label_names else None
-    cases = _training_cases(images, labels, names, TRAIN)
+    cases = load_cases(images, labels, names, TRAIN.target_spacing, TRAIN.normalisation)
     console.print(
         f"wrote {save_prepared(cases, out, TRAIN.target_spacing, TRAIN.normalisation)} ({len(cases)} scans)"
     )
@@ -220,18 +207,42 @@ def train(
     mode: Annotated[
         TrainMode,
         typer.Option(
-            help="source: the labelled scans alone; semi: plus unlabelled scans of any domains (UST-RUN)"
+            help="source: labelled scans only; uda: + unlabelled --target-images trained together; "
+            "federated: the source and every --target-images as sites in separate processes, sharing weights; "
+            "semi: + --unlabelled scans of any domains, mixed (UST-RUN)"
         ),
     ] = TrainMode.SOURCE,
+    target_images: Annotated[
+        list[Path] | None,
+        typer.Option(help="unlabelled target scans (folder or .npz; uda: one, federated: one per site)"),
+    ] = None,
     unlabelled: Annotated[
         list[Path] | None,
-        typer.Option(help="--mode semi: folder of unlabelled scans or prepared .npz (repeatable)"),
+        typer.Option(help="semi: unlabelled scans of any domains (folder or .npz; repeatable)"),
     ] = None,
+    pretrain_steps: Annotated[
+        int, typer.Option(help="uda: masked-autoencoder steps on source + target (0 with --pretrained)")
+    ] = UDA.pretrain_steps,
+    warmup_steps: Annotated[
+        int, typer.Option(help="uda: supervised steps before the target's pseudo-labels count")
+    ] = UDA.warmup_steps,
+    mae_rounds: Annotated[
+        int, typer.Option(help="federated: masked-autoencoder rounds")
+    ] = FEDERATED.mae_rounds,
+    rounds: Annotated[int, typer.Option(help="federated: segmentation rounds")] = FEDERATED.rounds,
+    warmup_rounds: Annotated[
+        int, typer.Option(help="federated: segmentation rounds before the target sites join")
+    ] = FEDERATED.warmup_rounds,
+    local_steps: Annotated[
+        int, typer.Option(help="federated: steps per site per round")
+    ] = FEDERATED.local_steps,
 ) -> None:
-    """Train a bundle with augmentation; keeps the best validation Dice; writes a bundle.
+    """Train a bundle: supervised on source scans (--mode source), or with unlabelled target scans trained
+    together (uda) or kept at their sites (federated), or with unlabelled scans of several domains (semi).
+    Labels of unlabelled or target scans are never read.
 
     Resumes from --work. Progress with the time left is a live bar in a terminal, plain lines in a log file."""
-    from trainer.semi import train_semi
+    from trainer.data import load_cases
     from trainer.train import train_source
 
     if mode not in (TrainMode.SOURCE, TrainMode.SEMI):
@@ -250,30 +261,51 @@ def train(
         workers=workers,
     )
     names = _labels_file(label_names)
-    cases = _training_cases(images, labels, names, cfg)
+    if mode in (TrainMode.UDA, TrainMode.FEDERATED) and not target_images:
+        raise _fail(ValueError(f"--mode {mode} needs --target-images"))
+    if (mode is TrainMode.SEMI) != bool(unlabelled):
+        raise _fail(ValueError("--unlabelled goes with --mode semi, and --mode semi needs it"))
+    if mode is TrainMode.FEDERATED:
+        return _train_federated(
+            images, labels, names, target_images, name=name, version=version, out=out, work=work, cfg=cfg,
+            fed=FederatedConfig(mae_rounds=mae_rounds, rounds=rounds, warmup_rounds=warmup_rounds,
+                                local_steps=local_steps),
+            init_weights=pretrained, device=device, largest_component=largest_component,
+        )  # fmt: skip
+    if mode not in (TrainMode.SOURCE, TrainMode.UDA, TrainMode.SEMI):
+        raise _fail(ValueError(f"--mode {mode} is not available"))
+    cases = load_cases(images, labels, names, cfg.target_spacing, cfg.normalisation)
     train_cases, held = (cases[:-val_cases], cases[-val_cases:]) if val_cases else (cases, [])
-    run = {
-        "work_dir": work,
-        "out_bundle": out,
-        "name": name,
-        "cfg": cfg,
-        "init_weights": pretrained,
-        "training_summary": {
-            "images": str(images),
-            "labels": str(labels) if labels else None,
-            "unlabelled": [str(d) for d in unlabelled or []],
-        },
-        "version": version,
-        "device": device,
-        "largest_component": largest_component,
-    }
-    pool = [c for d in unlabelled or [] for c in _training_cases(d, None, None, cfg)]
+    summary = {"images": str(images), "labels": str(labels) if labels else None}
+    if mode is TrainMode.UDA:
+        from trainer.uda import PRETRAINING, TRAINING, train_uda
+
+        if len(target_images) != 1:
+            raise _fail(ValueError("--mode uda takes one --target-images folder or .npz"))
+        target = load_cases(target_images[0], None, None, cfg.target_spacing, cfg.normalisation)
+        uda = UdaConfig(pretrain_steps=0 if pretrained else pretrain_steps, warmup_steps=warmup_steps)
+        totals = {PRETRAINING: uda.pretrain_steps, TRAINING: cfg.steps} if uda.pretrain_steps else {}
+        with ProgressReport(console, totals or {TRAINING: cfg.steps}, unit="steps") as report:
+            bundle = train_uda(
+                train_cases, target, held, names, work_dir=work, out_bundle=out, name=name, cfg=cfg, uda=uda,
+                init_weights=pretrained, training_summary={**summary, "target_images": str(target_images[0])},
+                version=version, device=device, largest_component=largest_component, progress=report.update,
+            )  # fmt: skip
+        console.print(f"wrote {bundle} ({bundle.card.training['weights']})")
+        return
+    run = {"work_dir": work, "out_bundle": out, "name": name, "cfg": cfg, "init_weights": pretrained,
+           "version": version, "device": device, "largest_component": largest_component}  # fmt: skip
     with ProgressReport(console, {"training": cfg.steps}, unit="steps") as report:
         run["progress"] = lambda step, status: report.update("training", step, status)
         if mode is TrainMode.SEMI:
-            bundle = train_semi(train_cases, pool, held, names, **run)
+            from trainer.semi import train_semi
+
+            grid = (cfg.target_spacing, cfg.normalisation)
+            pool = [c for d in unlabelled for c in load_cases(d, None, None, *grid)]
+            summary["unlabelled"] = [str(d) for d in unlabelled]
+            bundle = train_semi(train_cases, pool, held, names, training_summary=summary, **run)
         else:
-            bundle = train_source(train_cases, held, names, **run)
+            bundle = train_source(train_cases, held, names, training_summary=summary, **run)
     validation = bundle.card.validation
     if "dice_mean" in validation:
         console.print(
@@ -281,6 +313,38 @@ def train(
         )
     else:
         console.print(f"wrote {bundle} without validation: {bundle.card.training['weights']} weights")
+
+
+def _train_federated(
+    images: Path,
+    labels: Path | None,
+    names: dict[int, str],
+    target_images: list[Path],
+    *,
+    out: Path,
+    work: Path,
+    fed: FederatedConfig,
+    **kwargs,
+) -> None:
+    """The source and each target folder as a site in its own process; progress by rounds."""
+    from trainer.federated import Site, train_federated
+
+    sites = [Site(name="source", images=str(images), labels=str(labels) if labels else None, labelled=True)]
+    sites += [Site(name=f"target{i + 1}", images=str(t)) for i, t in enumerate(target_images)]
+    with ProgressReport(console, {"rounds": fed.mae_rounds + fed.rounds}, unit="rounds") as report:
+        bundle = train_federated(
+            sites,
+            names,
+            work_dir=work,
+            out_bundle=out,
+            fed=fed,
+            progress=lambda rnd, status: report.update("rounds", rnd, status),
+            **kwargs,
+        )
+    per_round = bundle.card.training["bytes_per_round"]["mean"]
+    console.print(
+        f"wrote {bundle} ({bundle.card.training['rounds']} rounds, {per_round / 1e6:.1f} MB per round)"
+    )
 
 
 @app.command()
@@ -300,10 +364,11 @@ def pretrain(
     seed: Annotated[int, typer.Option()] = TRAIN.seed,
 ) -> None:
     """3D masked-autoencoder pretraining (masked blocks of the local patch and the global view); resumable."""
+    from trainer.data import load_cases
     from trainer.train import pretrain_mae
 
     cfg = TrainConfig(steps=steps, seed=seed, workers=workers)
-    cases = [c for d in folders for c in _training_cases(d, None, None, cfg)]
+    cases = [c for d in folders for c in load_cases(d, None, None, cfg.target_spacing, cfg.normalisation)]
     with ProgressReport(console, {"pretraining": cfg.steps}, unit="steps") as report:
         weights = pretrain_mae(
             cases,
@@ -342,13 +407,17 @@ def record_volumes(
 ) -> None:
     """Record in the card each structure's volume range over its training cases (the guard's anatomy prior)."""
     from models.bundle import load_bundle, write_card
-    from trainer.data import source_volume_ranges
+    from trainer.data import load_cases, source_volume_ranges
 
     found = load_bundle(bundle)
     card = found.card
     wanted = set(card.training.get("train_cases", []))
     cfg = TrainConfig(target_spacing=card.target_spacing, normalisation=card.normalisation)
-    cases = [c for c in _training_cases(images, labels, card.labels, cfg) if c.case in wanted]
+    cases = [
+        c
+        for c in load_cases(images, labels, card.labels, cfg.target_spacing, cfg.normalisation)
+        if c.case in wanted
+    ]
     if not wanted or len(cases) != len(wanted):
         raise typer.BadParameter(f"{images} holds {len(cases)} of the card's {len(wanted)} training cases")
     ranges = source_volume_ranges(cases, card.labels, card.target_spacing)

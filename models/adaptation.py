@@ -26,7 +26,6 @@ from torch import nn
 from models.mpl import ema_update, mpl_pseudo_labels, mpl_student_loss
 from models.mpl_config import MplConfig
 from models.network import GlobalLocalUNet
-from models.postprocessing import LargestComponent
 from models.sampling import Views, make_views
 from models.terms import Method
 
@@ -52,12 +51,6 @@ class AdaptConfig(MplConfig):
     restarts: int = 1
     collapse_ratio: float = 3.0
     collapse_scans: float = 0.25
-
-    def with_anatomy(self, largest_component: LargestComponent) -> AdaptConfig:
-        """These settings with an unset pseudo-label clean-up following the label maps' clean-up."""
-        if self.pseudo_label_clean_up is not None:
-            return self
-        return self.model_copy(update={"pseudo_label_clean_up": largest_component})
 
 
 @dataclass

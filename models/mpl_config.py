@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Self
 
 from pydantic import BaseModel
 
@@ -28,3 +28,9 @@ class MplConfig(BaseModel):
     global_weight: float = 0.5
     cosine_weight: float = 0.1
     dice_weight: float = 1.0
+
+    def with_anatomy(self, largest_component: LargestComponent) -> Self:
+        """These settings with an unset pseudo-label clean-up following the label maps' clean-up."""
+        if self.pseudo_label_clean_up is not None:
+            return self
+        return self.model_copy(update={"pseudo_label_clean_up": largest_component})

@@ -1,4 +1,5 @@
-"""Hyper-parameters of training and pretraining, without torch: the CLI reads its defaults from here."""
+"""Hyper-parameters of training (source, uda, semi, federated) and pretraining, without torch: the CLI reads its
+defaults from here."""
 
 from __future__ import annotations
 
@@ -36,15 +37,39 @@ class TrainConfig(BaseModel):
     workers: int = 0
 
 
+class UdaConfig(BaseModel):
+    """Labelled source and unlabelled target scans trained together (MAPSeg's centralised setting)."""
+
+    pretrain_steps: int = PRETRAIN_STEPS  # masked-autoencoder steps on source + target before joint training
+    warmup_steps: int = 500  # supervised source steps before the target's pseudo-labels count
+    mpl_weight: float = 1.0  # weight of the target's masked pseudo-label loss beside the supervised loss
+    target_batch_size: int = 4
+    mpl: MplConfig = MplConfig(ema=0.99)
+
+
+class FederatedConfig(BaseModel):
+    """Sites that keep their scans and share weights by FedAvg rounds (MAPSeg's federated setting).
+
+    Every round each site starts from the global weights and runs ``local_steps``: masked-autoencoder steps in the
+    first ``mae_rounds``, then supervised steps at the labelled site and masked pseudo-labelling at the others,
+    which join after ``warmup_rounds`` (their pseudo-labels need a teacher that has seen labels).
+    """
+
+    mae_rounds: int = 5
+    rounds: int = 40  # segmentation rounds after the masked-autoencoder rounds
+    warmup_rounds: int = 5
+    local_steps: int = 100
+    target_batch_size: int = 4
+    mpl: MplConfig = MplConfig(ema=0.99)
+
+
 class SemiConfig(BaseModel):
     """Settings of ``--mode semi`` on top of :class:`TrainConfig`; the defaults follow UST-RUN's published ones
     where they apply (EMA 0.99, low-frequency band 0.01, boxes of 2-40% of a slice, a pool of 10 reliable scans).
     """
 
     mpl: MplConfig = MplConfig(ema=0.99)
-    unlabelled_weight: float = (
-        1.0  # weight of the copy-paste terms once ramped up; symmetric guidance: squared
-    )
+    unlabelled_weight: float = 1.0  # copy-paste terms' weight once ramped up (symmetric guidance: squared)
     rampup: float = 1.0  # share of the steps over which the unlabelled weight rises (sigmoid ramp)
     amplitude_band: float = 0.01  # half-width of the low-frequency window, as a share of each axis
     box_area: tuple[float, float] = (0.02, 0.4)  # share of a slice the pasted box covers

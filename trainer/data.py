@@ -72,6 +72,23 @@ def load_case(
     return TrainingCase(scan.case, scan.array, arr)
 
 
+def load_cases(
+    images: Path,
+    labels: Path | None,
+    names: dict[int, str] | None,
+    spacing: Sequence[float],
+    normalisation: Normalisation,
+) -> list[TrainingCase]:
+    """Cases from a prepared ``.npz`` (``ttaseg prepare``), a folder of images (+ labels) or a CSV; without
+    ``names`` a folder's scans load unlabelled."""
+    if images.suffix == ".npz":
+        return load_prepared(images, spacing, normalisation)
+    grid = {"spacing": spacing, "normalisation": normalisation}
+    if names is None:
+        return [load_case(f, None, **grid) for f in image_files(images)]
+    return [load_case(i, lab, **grid, n_classes=len(names)) for i, lab in labelled_pairs(images, labels)]
+
+
 def save_prepared(
     cases: Sequence[TrainingCase], path: str | Path, spacing: Sequence[float], normalisation: Normalisation
 ) -> Path:

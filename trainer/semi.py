@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.bundle import Bundle, ModelCard, save_bundle
+from models.bundle import Bundle, save_bundle
 from models.mpl import PseudoLabels, ema_update, mpl_pseudo_labels, mpl_student_loss
 from models.network import GlobalLocalUNet
 from models.postprocessing import LargestComponent
@@ -38,7 +38,18 @@ from trainer.augment import augment, strong_augmentation, training_augmentation
 from trainer.config import SemiConfig, TrainConfig
 from trainer.data import TrainingCase, source_volume_ranges
 from trainer.mixing import aligned_views, amplitude_mix, cutmix_box, fit_to, paste
-from trainer.train import BEST, HISTORY, LAST, StepProgress, _resume, _save, load_initial_weights, validate
+from trainer.train import (
+    BEST,
+    HISTORY,
+    LAST,
+    StepProgress,
+    device_name,
+    load_initial_weights,
+    resume_checkpoint,
+    save_checkpoint,
+    training_card,
+    validate,
+)
 
 RULE = (
     "UST-RUN (Ma et al., IEEE TMI 2025): unified copy-paste between labelled and unlabelled scans, symmetric "
@@ -315,8 +326,7 @@ def train_semi(
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     student = GlobalLocalUNet(cfg.network.model_copy(update={"out_channels": len(labels)}))
-    if init_weights:
-        load_initial_weights(student, init_weights)
+    load_initial_weights(student, init_weights)
     student.to(device)
     teacher = GlobalLocalUNet(student.config).to(device)
     teacher.load_state_dict(student.state_dict())
@@ -324,7 +334,7 @@ def train_semi(
         p.requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
-    ckpt = _resume(work / LAST, student, opt, sched)
+    ckpt = resume_checkpoint(work / LAST, student, opt, sched)
     if ckpt:
         teacher.load_state_dict(ckpt["teacher"])
     step, history = ckpt.get("step", 0), ckpt.get("history", [])
@@ -371,7 +381,7 @@ def train_semi(
                 "pool": pool.state(),
                 "seconds": seconds,
             }
-            _save(work / LAST, state)
+            save_checkpoint(work / LAST, state)
             (work / HISTORY).write_text(json.dumps(history, indent=2))
         status = f"loss {float(loss):.3f}, {len(pool.members)} reliable"
         progress(step, status + (f", best Dice {best['dice_mean']:.3f}" if val_cases else ""))
@@ -382,15 +392,14 @@ def train_semi(
         validation = {"split": "held-out labelled cases of the labelled domain, model grid", **best}
     else:
         validation = {"split": "none: no held-out cases, the bundle holds the last step's weights"}
-    card = ModelCard(
+    card = training_card(
+        teacher,
+        cfg,
+        labels,
+        source_volume_ranges(labelled, labels, cfg.target_spacing),
         name=name,
         version=version,
         description=f"Trained on {len(labelled)} labelled and {len(unlabelled)} unlabelled scans (semi)",
-        labels=labels,
-        target_spacing=cfg.target_spacing,
-        patch_size=cfg.patch_size,
-        normalisation=cfg.normalisation,
-        network=teacher.config,
         training={
             **(training_summary or {}),
             "mode": TrainMode.SEMI.value,
@@ -405,10 +414,9 @@ def train_semi(
             "semi": semi.model_dump(mode="json"),
             "pretrained_from": str(init_weights) if init_weights else None,
             "seconds": seconds,
-            "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
+            "device": device_name(device),
         },
         validation=validation,
-        label_volumes_ml=source_volume_ranges(labelled, labels, cfg.target_spacing),
         largest_component=largest_component,
     )
     return save_bundle(teacher, card, out_bundle)

@@ -14,11 +14,12 @@ from monai.losses import DiceCELoss
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from models.bundle import Bundle, ModelCard, save_bundle
-from models.guard import dice_per_class
+from models.guard import VolumeRanges, dice_per_class
 from models.inference import predict_volume, torch_predictor
 from models.network import GlobalLocalUNet, cosine_consistency
 from models.postprocessing import LargestComponent
-from models.sampling import block_mask, make_views
+from models.sampling import Views, block_mask, make_views
+from models.terms import TrainMode
 from trainer.augment import augment, training_augmentation
 from trainer.config import TrainConfig
 from trainer.data import TrainingCase, source_volume_ranges
@@ -46,14 +47,14 @@ def validate(net: GlobalLocalUNet, cases: Sequence[TrainingCase], patch, n_class
     }
 
 
-def _save(path: Path, state: dict) -> None:
+def save_checkpoint(path: Path, state: dict) -> None:
     """``torch.save`` through a temporary file, so that an interrupted run never leaves half a checkpoint."""
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
 
 
-def _resume(path: Path, net: torch.nn.Module, opt: torch.optim.Optimizer, sched=None) -> dict:
+def resume_checkpoint(path: Path, net: torch.nn.Module, opt: torch.optim.Optimizer, sched=None) -> dict:
     """Restore network, optimiser (and schedule) from a checkpoint; returns the checkpoint, empty when none."""
     if not path.exists():
         return {}
@@ -63,16 +64,6 @@ def _resume(path: Path, net: torch.nn.Module, opt: torch.optim.Optimizer, sched=
     if sched is not None:
         sched.load_state_dict(ckpt["sched"])
     return ckpt
-
-
-def load_initial_weights(net: torch.nn.Module, path: str | Path) -> None:
-    """Start from the weights in ``path`` (MAE or source weights) whose names and shapes match the network's."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("net", state)
-    own = net.state_dict()
-    net.load_state_dict(
-        {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False
-    )
 
 
 class ViewStream(IterableDataset):
@@ -120,6 +111,61 @@ def view_batches(cases: Sequence[TrainingCase], cfg: TrainConfig, labelled: bool
     return iter(loader)
 
 
+def supervised_loss(net: GlobalLocalUNet, v: Views, cfg: TrainConfig, loss_fn: DiceCELoss) -> torch.Tensor:
+    """Dice + cross-entropy of the local and (``global_weight`` x) global heads, plus the cosine term."""
+    out = net(v.local, v.global_view, v.box)
+    loss = loss_fn(out.local_logits, v.local_labels)
+    loss = loss + cfg.global_weight * loss_fn(out.global_logits, v.global_labels)
+    return loss + cfg.cosine_weight * cosine_consistency(out.local_features, out.global_context)
+
+
+def load_initial_weights(net: GlobalLocalUNet, path: str | Path | None) -> None:
+    """Load the weights of ``path`` (MAE or bundle weights) whose names and shapes ``net`` shares; none: no-op."""
+    if not path:
+        return
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("net", state)
+    own = net.state_dict()
+    net.load_state_dict(
+        {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False
+    )
+
+
+def training_card(
+    net: GlobalLocalUNet,
+    cfg: TrainConfig,
+    labels: dict[int, str],
+    label_volumes_ml: VolumeRanges,
+    *,
+    name: str,
+    version: str,
+    description: str,
+    training: dict,
+    validation: dict,
+    largest_component: LargestComponent,
+) -> ModelCard:
+    """The model card of a trained network; ``label_volumes_ml`` from :func:`trainer.data.source_volume_ranges`."""
+    return ModelCard(
+        name=name,
+        version=version,
+        description=description,
+        labels=labels,
+        target_spacing=cfg.target_spacing,
+        patch_size=cfg.patch_size,
+        normalisation=cfg.normalisation,
+        network=net.config,
+        training=training,
+        validation=validation,
+        label_volumes_ml=label_volumes_ml,
+        largest_component=largest_component,
+    )
+
+
+def device_name(device: str) -> str:
+    """The accelerator's name for the card, or ``cpu``."""
+    return torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
+
+
 def train_source(
     train_cases: Sequence[TrainingCase],
     val_cases: Sequence[TrainingCase],
@@ -148,24 +194,19 @@ def train_source(
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     net = GlobalLocalUNet(cfg.network.model_copy(update={"out_channels": len(labels)}))
-    if init_weights:
-        load_initial_weights(net, init_weights)
+    load_initial_weights(net, init_weights)
     net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    ckpt = _resume(work / LAST, net, opt, sched)
+    ckpt = resume_checkpoint(work / LAST, net, opt, sched)
     step, best, history = ckpt.get("step", 0), ckpt.get("best", {"dice_mean": -1.0}), ckpt.get("history", [])
     net.train()
     start = time.perf_counter()
     batches = view_batches(train_cases, cfg, labelled=True, start_step=step)
     progress(step, "resumed" if step else "")
     while step < cfg.steps:
-        v = next(batches).to(device)
-        out = net(v.local, v.global_view, v.box)
-        loss = loss_fn(out.local_logits, v.local_labels)
-        loss = loss + cfg.global_weight * loss_fn(out.global_logits, v.global_labels)
-        loss = loss + cfg.cosine_weight * cosine_consistency(out.local_features, out.global_context)
+        loss = supervised_loss(net, next(batches).to(device), cfg, loss_fn)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -180,7 +221,7 @@ def train_source(
                     torch.save(net.state_dict(), work / BEST)
             history.append(entry)
             state = {"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
-            _save(work / LAST, {**state, "step": step, "best": best, "history": history})
+            save_checkpoint(work / LAST, {**state, "step": step, "best": best, "history": history})
             (work / HISTORY).write_text(json.dumps(history, indent=2))
         status = f"loss {float(loss):.3f}" + (f", best Dice {best['dice_mean']:.3f}" if val_cases else "")
         progress(step, status)
@@ -190,30 +231,43 @@ def train_source(
         validation = {"split": "held-out source cases, model grid", **best}
     else:
         validation = {"split": "none: no held-out cases, the bundle holds the last step's weights"}
-    card = ModelCard(
+    card = training_card(
+        net,
+        cfg,
+        labels,
+        source_volume_ranges(train_cases, labels, cfg.target_spacing),
         name=name,
         version=version,
         description=f"Source model trained on {len(train_cases)} labelled scans",
-        labels=labels,
-        target_spacing=cfg.target_spacing,
-        patch_size=cfg.patch_size,
-        normalisation=cfg.normalisation,
-        network=net.config,
         training={
             **(training_summary or {}),
+            "mode": TrainMode.SOURCE.value,
             "train_cases": [c.case for c in train_cases],
             "val_cases": [c.case for c in val_cases],
             "weights": f"best validation Dice (step {best['step']})" if val_cases else f"last (step {step})",
             "config": cfg.model_dump(mode="json"),
             "pretrained_from": str(init_weights) if init_weights else None,
             "seconds": round(time.perf_counter() - start, 1),
-            "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
+            "device": device_name(device),
         },
         validation=validation,
-        label_volumes_ml=source_volume_ranges(train_cases, labels, cfg.target_spacing),
         largest_component=largest_component,
     )
     return save_bundle(net, card, out_bundle)
+
+
+def mae_loss(net: GlobalLocalUNet, v: Views, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """Reconstruction error of the masked blocks of both views; the masks are drawn on the CPU from
+    ``generator``."""
+    dev = v.local.device
+    m_l = block_mask(v.local.shape, cfg.mask_block, cfg.mask_ratio, generator).to(dev)
+    m_g = block_mask(v.global_view.shape, cfg.mask_block, cfg.mask_ratio, generator).to(dev)
+    rec_l, rec_g = net.reconstruct(v.local * m_l, v.global_view * m_g, v.box)
+    hidden_l, hidden_g = 1 - m_l, 1 - m_g
+    loss = (F.mse_loss(rec_l, v.local, reduction="none") * hidden_l).sum() / hidden_l.sum().clamp_min(1)
+    return loss + (
+        F.mse_loss(rec_g, v.global_view, reduction="none") * hidden_g
+    ).sum() / hidden_g.sum().clamp_min(1)
 
 
 def pretrain_mae(
@@ -237,7 +291,7 @@ def pretrain_mae(
     gen = torch.Generator().manual_seed(cfg.seed)
     net = GlobalLocalUNet(cfg.network).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ckpt = _resume(work / MAE_LAST, net, opt)
+    ckpt = resume_checkpoint(work / MAE_LAST, net, opt)
     step = ckpt.get("step", 0)
     if ckpt:
         gen.set_state(ckpt["mask_generator"])
@@ -245,23 +299,14 @@ def pretrain_mae(
     net.train()
     progress(step, "resumed" if step else "")
     while step < cfg.steps:
-        v = next(batches)
-        m_l = block_mask(v.local.shape, cfg.mask_block, cfg.mask_ratio, gen)
-        m_g = block_mask(v.global_view.shape, cfg.mask_block, cfg.mask_ratio, gen)
-        v, m_l, m_g = v.to(device), m_l.to(device), m_g.to(device)
-        rec_l, rec_g = net.reconstruct(v.local * m_l, v.global_view * m_g, v.box)
-        hidden_l, hidden_g = 1 - m_l, 1 - m_g
-        loss = (F.mse_loss(rec_l, v.local, reduction="none") * hidden_l).sum() / hidden_l.sum().clamp_min(1)
-        loss = loss + (
-            F.mse_loss(rec_g, v.global_view, reduction="none") * hidden_g
-        ).sum() / hidden_g.sum().clamp_min(1)
+        loss = mae_loss(net, next(batches).to(device), cfg, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             state = {"net": net.state_dict(), "opt": opt.state_dict(), "mask_generator": gen.get_state()}
-            _save(work / MAE_LAST, {**state, "step": step})
+            save_checkpoint(work / MAE_LAST, {**state, "step": step})
         progress(step, f"loss {float(loss):.4f}")
-    _save(work / MAE_WEIGHTS, net.state_dict())
+    save_checkpoint(work / MAE_WEIGHTS, net.state_dict())
     return work / MAE_WEIGHTS
