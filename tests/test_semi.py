@@ -53,6 +53,7 @@ def _dice(net, cases, patch) -> float:
     )
 
 
+@pytest.mark.slow  # minutes on 2 cores
 def test_semi_beats_the_labelled_scans_alone_on_the_unlabelled_domains(
     tiny_bundle, phantom_dir, tiny_config, tmp_path
 ):
