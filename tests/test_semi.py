@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,16 +22,16 @@ from trainer.data import TrainingCase, labelled_pairs, load_case
 from trainer.mixing import aligned_views, amplitude_mix, cutmix_box, fit_to
 from trainer.semi import ReliablePool, train_semi
 
-# the phantoms' noisy scanner, and a noisy one whose contrast is squared (the shell fades into the background)
-DOMAINS = ("none", "noise", "faded")
+# the phantoms' scanner, its noisy scanner, and a noisier one still
+DOMAINS = ("none", "noise", "noisier")
 FAST = SemiConfig(mpl={"ema": 0.9, "mask_block": (2, 8, 8), "student_sees_unmasked": False}, rampup=0.0)
 
 
 def _scan(seed: int, domain: str, labelled: bool = True) -> TrainingCase:
     image, labels = phantom(seed, shift="none" if domain == "none" else "noise")
     array = sitk.GetArrayFromImage(image).astype(np.float32) / 1000
-    if domain == "faded":
-        array = np.sign(array) * array**2
+    if domain == "noisier":
+        array = array + np.random.default_rng(seed + 7).normal(0, 0.1, array.shape).astype(np.float32)
     lab = sitk.GetArrayFromImage(labels).astype(np.int64)
     return TrainingCase(f"{domain}{seed}", Normalisation().apply(array), lab if labelled else None)
 
@@ -119,18 +120,29 @@ def test_semi_resumes_and_its_card_records_mode_data_and_rule(phantom_dir, tiny_
     assert "UST-RUN" in training["rule"] and "dice_mean" in bundle.card.validation
 
 
-def test_train_command_takes_unlabelled_scans_in_semi_mode(phantom_dir, tiny_config, tmp_path):
+def test_train_command_gives_semi_the_unlabelled_pool(phantom_dir, tmp_path, monkeypatch):
+    import trainer.semi
+
     labels_json = tmp_path / "labels.json"
     labels_json.write_text(json.dumps({str(k): v for k, v in PHANTOM_LABELS.items()}))
     base = ["train", "--images", str(phantom_dir / "images"), "--labels", str(phantom_dir / "labels"),
-            "--label-names", str(labels_json), "--out", str(tmp_path / "b"), "--work", str(tmp_path / "w"),
-            "--steps", "2", "--val-cases", "0", "--batch-size", "1"]  # fmt: skip
+            "--label-names", str(labels_json), "--out", str(tmp_path / "b"), "--val-cases", "2"]  # fmt: skip
     result = CliRunner().invoke(app, [*base, "--mode", "semi"])
     assert result.exit_code == 2 and "--unlabelled" in result.output
-    result = CliRunner().invoke(app, [*base, "--mode", "semi", "--unlabelled", str(phantom_dir / "images")])
+    calls = []
+
+    def recorded(labelled, unlabelled, val_cases, labels, **kwargs):
+        calls.append((labelled, unlabelled, val_cases, kwargs))
+        return SimpleNamespace(card=SimpleNamespace(validation={}, training={"weights": "last"}))
+
+    monkeypatch.setattr(trainer.semi, "train_semi", recorded)
+    pool = [str(phantom_dir / "images"), "--unlabelled", str(phantom_dir / "images")]
+    result = CliRunner().invoke(app, [*base, "--mode", "semi", "--unlabelled", *pool])
     assert result.exit_code == 0, result.output
-    card = json.loads((tmp_path / "b" / "model_card.json").read_text())
-    assert card["training"]["mode"] == "semi" and len(card["training"]["unlabelled_cases"]) == 8
+    [(labelled, unlabelled, val_cases, kwargs)] = calls
+    assert len(labelled) == 6 and len(val_cases) == 2 and len(unlabelled) == 16
+    assert all(c.labels is None for c in unlabelled) and all(c.labels is not None for c in labelled)
+    assert kwargs["training_summary"]["unlabelled"] == [str(phantom_dir / "images")] * 2
 
 
 def test_intermediate_scans_keep_grid_anatomy_and_alignment():
