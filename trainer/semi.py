@@ -318,7 +318,7 @@ def train_semi(
     done after every step.
     """
     cfg = cfg or TrainConfig()
-    semi = semi or SemiConfig()
+    semi = semi or SemiConfig()  # no pseudo-label clean-up: an intermediate scan holds parts of two organs
     if not labelled or not unlabelled:
         raise ValueError("semi-supervised training needs labelled and unlabelled scans")
     progress = progress or (lambda step, status: None)
