@@ -141,22 +141,14 @@ def _sites(phantom_dir, target_dir):
     ]
 
 
-def test_federated_sites_train_in_their_own_processes_and_resume(phantom_dir, target_dir, cfg, tmp_path):
-    rounds = []
-    run = {"work_dir": tmp_path / "w", "out_bundle": tmp_path / "b", "name": "f", "cfg": cfg}
-    first = FederatedConfig(
-        mae_rounds=1, rounds=0, warmup_rounds=0, local_steps=1, target_batch_size=1, mpl=MPL
+def test_federated_sites_train_in_their_own_processes(phantom_dir, target_dir, cfg, tmp_path):
+    fed = FederatedConfig(
+        mae_rounds=1, rounds=1, warmup_rounds=0, local_steps=1, target_batch_size=1, mpl=MPL
     )
-    train_federated(_sites(phantom_dir, target_dir), PHANTOM_LABELS, fed=first, **run)
-    then = first.model_copy(update={"rounds": 1})
     bundle = train_federated(
-        _sites(phantom_dir, target_dir),
-        PHANTOM_LABELS,
-        fed=then,
-        progress=lambda r, s: rounds.append(r),
-        **run,
-    )
-    assert rounds == [1, 2, 2]  # resumed after round 1, ran round 2
+        _sites(phantom_dir, target_dir), PHANTOM_LABELS, work_dir=tmp_path / "w", out_bundle=tmp_path / "b",
+        name="f", cfg=cfg, fed=fed,
+    )  # fmt: skip
     history = json.loads((tmp_path / "w" / "history.json").read_text())
     assert [(h["round"], h["phase"]) for h in history] == [(1, "mae"), (2, "segmentation")]
     weights = sum(v.numel() * v.element_size() for v in bundle.load_network().state_dict().values())
@@ -167,12 +159,32 @@ def test_federated_sites_train_in_their_own_processes_and_resume(phantom_dir, ta
     assert history[1]["sites"]["tgt"]["loss"] > 0  # the target site ran masked pseudo-labelling
     training = bundle.card.training
     assert training["mode"] == TrainMode.FEDERATED and "never left" in training["rule"]
-    assert [(s["name"], s["scans"], s["labelled"]) for s in training["sites"]] == [
-        ("src", 8, True),
-        ("tgt", 4, False),
-    ]
+    sites = [(s["name"], s["scans"], s["labelled"]) for s in training["sites"]]
+    assert sites == [("src", 8, True), ("tgt", 4, False)]
     assert training["bytes_per_round"]["mean"] == np.mean([h["bytes_down"] + h["bytes_up"] for h in history])
     assert set(bundle.card.label_volumes_ml) == {"core", "shell"}
+
+
+@pytest.mark.slow
+def test_federated_resumes_after_the_last_finished_round(phantom_dir, target_dir, cfg, tmp_path):
+    rounds = []
+    run = {"work_dir": tmp_path / "w", "out_bundle": tmp_path / "b", "name": "f", "cfg": cfg}
+    first = FederatedConfig(
+        mae_rounds=1, rounds=0, warmup_rounds=0, local_steps=1, target_batch_size=1, mpl=MPL
+    )
+    train_federated(_sites(phantom_dir, target_dir), PHANTOM_LABELS, fed=first, **run)
+    saved = json.loads((tmp_path / "w" / "history.json").read_text())
+    then = first.model_copy(update={"rounds": 1})
+    train_federated(
+        _sites(phantom_dir, target_dir),
+        PHANTOM_LABELS,
+        fed=then,
+        progress=lambda r, s: rounds.append(r),
+        **run,
+    )
+    assert rounds == [1, 2, 2]  # resumed after round 1, ran round 2
+    history = json.loads((tmp_path / "w" / "history.json").read_text())
+    assert history[0] == saved[0] and [h["round"] for h in history] == [1, 2]
 
 
 @pytest.mark.slow

@@ -234,7 +234,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_for_port(address: str, server: subprocess.Popen, timeout: float = 120.0) -> None:
+def _wait_for_port(address: str, server: subprocess.Popen, timeout: float = 600.0) -> None:
     host, port = address.rsplit(":", 1)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
