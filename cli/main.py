@@ -223,12 +223,17 @@ def train(
         TrainMode,
         typer.Option(
             help="source: labelled scans only; uda: + unlabelled --target-images trained together; "
-            "federated: the source and every --target-images as sites in separate processes, sharing weights"
+            "federated: the source and every --target-images as sites in separate processes, sharing weights; "
+            "semi: + --unlabelled scans of any domains, mixed (UST-RUN)"
         ),
     ] = TrainMode.SOURCE,
     target_images: Annotated[
         list[Path] | None,
         typer.Option(help="unlabelled target scans (folder or .npz; uda: one, federated: one per site)"),
+    ] = None,
+    unlabelled: Annotated[
+        list[Path] | None,
+        typer.Option(help="semi: unlabelled scans of any domains (folder or .npz; repeatable)"),
     ] = None,
     pretrain_steps: Annotated[
         int, typer.Option(help="uda: masked-autoencoder steps on source + target (0 with --pretrained)")
@@ -248,7 +253,8 @@ def train(
     ] = FEDERATED.local_steps,
 ) -> None:
     """Train a bundle: supervised on source scans (--mode source), or with unlabelled target scans trained
-    together (uda) or kept at their sites (federated). Target labels are never read.
+    together (uda) or kept at their sites (federated), or with unlabelled scans of several domains (semi).
+    Labels of unlabelled or target scans are never read.
 
     Resumes from --work. Progress with the time left is a live bar in a terminal, plain lines in a log file."""
     from trainer.data import load_cases
@@ -266,8 +272,10 @@ def train(
     }
     cfg = _train_config(options, config)
     names = _labels_file(label_names)
-    if mode is not TrainMode.SOURCE and not target_images:
+    if mode in (TrainMode.UDA, TrainMode.FEDERATED) and not target_images:
         raise _fail(ValueError(f"--mode {mode} needs --target-images"))
+    if (mode is TrainMode.SEMI) != bool(unlabelled):
+        raise _fail(ValueError("--unlabelled goes with --mode semi, and --mode semi needs it"))
     if mode is TrainMode.FEDERATED:
         return _train_federated(
             images, labels, names, target_images, name=name, version=version, out=out, work=work, cfg=cfg,
@@ -275,8 +283,6 @@ def train(
                                 local_steps=local_steps),
             init_weights=pretrained, device=device, largest_component=largest_component,
         )  # fmt: skip
-    if mode not in (TrainMode.SOURCE, TrainMode.UDA):
-        raise _fail(ValueError(f"--mode {mode} is not available"))
     cases = load_cases(images, labels, names, cfg.target_spacing, cfg.normalisation)
     train_cases, held = (cases[:-val_cases], cases[-val_cases:]) if val_cases else (cases, [])
     summary = {"images": str(images), "labels": str(labels) if labels else None}
@@ -296,22 +302,19 @@ def train(
             )  # fmt: skip
         console.print(f"wrote {bundle} ({bundle.card.training['weights']})")
         return
+    run = {"work_dir": work, "out_bundle": out, "name": name, "cfg": cfg, "init_weights": pretrained,
+           "version": version, "device": device, "largest_component": largest_component}  # fmt: skip
     with ProgressReport(console, {"training": cfg.steps}, unit="steps") as report:
-        bundle = train_source(
-            train_cases,
-            held,
-            names,
-            work_dir=work,
-            out_bundle=out,
-            name=name,
-            cfg=cfg,
-            init_weights=pretrained,
-            training_summary=summary,
-            version=version,
-            device=device,
-            largest_component=largest_component,
-            progress=lambda step, status: report.update("training", step, status),
-        )
+        run["progress"] = lambda step, status: report.update("training", step, status)
+        if mode is TrainMode.SEMI:
+            from trainer.semi import train_semi
+
+            grid = (cfg.target_spacing, cfg.normalisation)
+            pool = [c for d in unlabelled for c in load_cases(d, None, None, *grid)]
+            summary["unlabelled"] = [str(d) for d in unlabelled]
+            bundle = train_semi(train_cases, pool, held, names, training_summary=summary, **run)
+        else:
+            bundle = train_source(train_cases, held, names, training_summary=summary, **run)
     validation = bundle.card.validation
     if "dice_mean" in validation:
         console.print(

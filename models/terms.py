@@ -13,7 +13,7 @@ Methods:
 Training modes (``ttaseg train --mode``; ``trainer`` implements them):
 - ``source``: supervised training on labelled source scans.
 - ``uda``: labelled source and unlabelled target scans trained together (MAPSeg's centralised setting).
-- ``semi``: a few labelled and many unlabelled scans of one domain.
+- ``semi``: a few labelled scans of one domain and many unlabelled scans of several, mixed (UST-RUN, TMI 2025).
 - ``federated``: sites that keep their scans and share only weights (MAPSeg's federated setting, FedAvg).
 """
 

@@ -12,6 +12,7 @@ from monai.transforms import (
     RandBiasFieldd,
     RandFlipd,
     RandGaussianNoised,
+    RandGaussianSmoothd,
     RandHistogramShiftd,
     RandomizableTransform,
     RandRotate90d,
@@ -155,6 +156,24 @@ def training_augmentation(
             RandScaleIntensityd(img, prob=0.3, factors=0.2),
             RandShiftIntensityd(img, prob=0.3, offsets=0.2),
             RandGaussianNoised(img, prob=0.2, std=0.1),
+        ]
+    )
+    aug.set_random_state(seed)
+    return aug
+
+
+def strong_augmentation(seed: int = 0) -> Compose:
+    """Appearance-only perturbation of an already augmented scan (brightness, contrast, blur, noise): the
+    student's strong view of an unlabelled scan, on the same grid as the teacher's weak view."""
+    img = ["image"]
+    aug = Compose(
+        [
+            RandScaleIntensityd(img, prob=0.8, factors=0.3),
+            RandShiftIntensityd(img, prob=0.8, offsets=0.3),
+            RandAdjustContrastd(img, prob=0.8, gamma=(0.5, 2.0)),
+            # MONAI names the spatial axes x, y, z in array order: here slices, rows, columns
+            RandGaussianSmoothd(img, prob=0.5, sigma_x=(0.0, 0.5), sigma_y=(0.5, 1.5), sigma_z=(0.5, 1.5)),
+            RandGaussianNoised(img, prob=0.3, std=0.1),
         ]
     )
     aug.set_random_state(seed)

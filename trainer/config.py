@@ -1,4 +1,4 @@
-"""Hyper-parameters of training (source, uda, federated) and pretraining, without torch: the CLI reads its
+"""Hyper-parameters of training (source, uda, semi, federated) and pretraining, without torch: the CLI reads its
 defaults from here."""
 
 from __future__ import annotations
@@ -62,3 +62,20 @@ class FederatedConfig(BaseModel):
     local_steps: int = 100
     target_batch_size: int = 4
     mpl: MplConfig = MplConfig(ema=0.99)
+
+
+class SemiConfig(BaseModel):
+    """Settings of ``--mode semi`` on top of :class:`TrainConfig`; the defaults follow UST-RUN's published ones
+    where they apply (EMA 0.99, low-frequency band 0.01, boxes of 2-40% of a slice, a pool of 10 reliable scans).
+    """
+
+    mpl: MplConfig = MplConfig(ema=0.99)
+    unlabelled_weight: float = 1.0  # copy-paste terms' weight once ramped up (symmetric guidance: squared)
+    rampup: float = 1.0  # share of the steps over which the unlabelled weight rises (sigmoid ramp)
+    amplitude_band: float = 0.01  # half-width of the low-frequency window, as a share of each axis
+    box_area: tuple[float, float] = (0.02, 0.4)  # share of a slice the pasted box covers
+    box_aspect: tuple[float, float] = (0.3, 1 / 0.3)
+    reliable_pool: int = 10  # unlabelled scans whose pseudo-labels the student already reproduces
+    reliable_hardness: float = 0.1  # 1 - student/teacher Dice below which a scan counts as reliable
+    reliable_growth: float = 1.0005  # the threshold grows by this factor after a step that admits none
+    reliable_share: float = 0.5  # share of pasted scans drawn from the reliable pool once it holds any
