@@ -19,9 +19,12 @@ fi
 [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q "torch==2.13.0"
-EXTRA=dev
-[[ ${TTASEG_GPU:-0} == 1 ]] && EXTRA=gpu,dev
+EXTRA=dev,federated
+[[ ${TTASEG_GPU:-0} == 1 ]] && EXTRA=gpu,dev,federated
 .venv/bin/pip install -q -e ".[$EXTRA]"
+# Flower pins exact releases of the web stack that the service also uses (fastapi, starlette, typer, rich);
+# federated training needs none of them, only what the `federated` extra lists
+.venv/bin/pip install -q --no-deps "flwr==1.42.0"
 if command -v npm >/dev/null; then
   (cd service/web && npm ci --no-audit --no-fund --loglevel=error >/dev/null && npm run --silent build)
 else
