@@ -26,7 +26,7 @@ from torch import nn
 from models.mpl import ema_update, mpl_pseudo_labels, mpl_student_loss
 from models.mpl_config import MplConfig
 from models.network import GlobalLocalUNet
-from models.sampling import Views, make_views
+from models.sampling import Views, global_view, make_views, pad_to_patch
 from models.terms import Method
 
 MIN_SHARE = 1e-3  # a structure below this share of a scan's global view is absent from it
@@ -228,14 +228,23 @@ def _mpl(
 def structure_shares(net: GlobalLocalUNet, volumes: Sequence[np.ndarray], patch: Sequence[int]) -> np.ndarray:
     """Each structure's share of every scan's global view in the network's label map, (scans, structures).
 
+    For a slice-wise plan the share is over the global views of all the scan's slices.
+
     The global head sees the global view only, so the local patch that goes with it may lie anywhere.
     """
     net.eval()
     dev = _device(net)
     shares = []
     for volume in volumes:
-        v = make_views([volume], patch, np.random.default_rng(0)).to(dev)
-        labels = net(v.local, v.global_view, v.box).global_logits.argmax(1)
+        if patch[0] == 1:  # slice-wise plan: the global views of every slice, not of one
+            padded, _ = pad_to_patch(volume, patch)
+            vt = torch.from_numpy(np.ascontiguousarray(padded))[None, None]
+            gviews = torch.cat([global_view(vt, patch, z) for z in range(padded.shape[0])]).to(dev)
+            box = torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0, 1.0]], device=dev).expand(len(gviews), 6)
+            labels = net(gviews, gviews, box).global_logits.argmax(1)
+        else:
+            v = make_views([volume], patch, np.random.default_rng(0)).to(dev)
+            labels = net(v.local, v.global_view, v.box).global_logits.argmax(1)
         shares.append([float((labels == c).float().mean()) for c in range(1, net.config.out_channels)])
     return np.asarray(shares)
 

@@ -8,6 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
+from models.adaptation import adapt, structure_shares
 from models.bundle import load_bundle
 from models.inference import predict_volume, torch_predictor
 from models.network_config import NetworkConfig
@@ -63,6 +64,11 @@ def test_a_2d_plan_learns_the_phantoms_and_its_onnx_export_matches(phantom_dir, 
     net = loaded.load_network().eval()
     probs = predict_volume(cases[6].image, torch_predictor(net), loaded.card.patch_size)
     assert probs.shape == (3, *cases[6].image.shape)
+    volumes = [c.image for c in cases[6:]]
+    shares = structure_shares(net, volumes, loaded.card.patch_size)
+    assert shares.shape == (2, 2) and np.all(shares > 0.01)  # both structures, over every slice of both scans
+    adapted = adapt(loaded.load_network(), volumes, loaded.card.patch_size, method="mpl", steps=2)
+    assert adapted.steps_run == 2
     gen = torch.Generator().manual_seed(0)
     local, gview = torch.randn(3, 1, 1, 32, 32, generator=gen), torch.randn(3, 1, 1, 32, 32, generator=gen)
     box = torch.tensor([[0.0, 0.1, 0.2, 1.0, 0.6, 0.7]]).expand(3, 6)
