@@ -33,6 +33,14 @@ def scan_dice(run: dict) -> dict[str, float]:
     }
 
 
+def save_figure(fig, out: Path) -> None:
+    """Lay out, write and report a figure."""
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -74,10 +82,7 @@ def main() -> None:
         ax.set_title(f"{report['task']} ({report['bundle']}, batch of {report['batch_size']})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=110)
-    print(f"wrote {args.out}")
+    save_figure(fig, args.out)
 
 
 def plot_recipes(reports: list[dict], out: Path) -> None:
@@ -99,10 +104,7 @@ def plot_recipes(reports: list[dict], out: Path) -> None:
         ax.set_title(f"source {source}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
+    save_figure(fig, out)
 
 
 def plot_steps(reports: list[dict], out: Path) -> None:
@@ -149,10 +151,7 @@ def plot_steps(reports: list[dict], out: Path) -> None:
         ax.set_title(f"{task} ({runs[0]['bundle']})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
+    save_figure(fig, out)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,15 @@ def global_view(volume: torch.Tensor, patch: Sequence[int], z0: int = 0) -> torc
     A patch one slice thick belongs to a slice-wise plan: its global view is the whole field of view of that
     slice (``z0``), not the scan squeezed into one slice.
     """
-    if patch[0] == 1:
-        volume = volume[:, :, z0 : z0 + 1]
-    return F.interpolate(volume, size=tuple(patch), mode="trilinear", align_corners=False)
+    return F.interpolate(
+        global_extent(volume, patch, z0), size=tuple(patch), mode="trilinear", align_corners=False
+    )
+
+
+def global_extent(volume: torch.Tensor, patch: Sequence[int], z0: int = 0) -> torch.Tensor:
+    """What the global view of a patch starting at slice ``z0`` covers: the whole volume, or for a patch one slice
+    thick (a slice-wise plan) that slice."""
+    return volume[:, :, z0 : z0 + 1] if patch[0] == 1 else volume
 
 
 def box_of(starts: Sequence[int], patch: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
@@ -101,8 +107,9 @@ def make_views(
         if labels is not None:
             lt = torch.from_numpy(np.ascontiguousarray(lab))[None, None]
             llabs.append(lt[(0, slice(None), *sl)].long())
-            lt = lt[:, :, start[0] : start[0] + 1] if patch[0] == 1 else lt
-            glabs.append(F.interpolate(lt, size=tuple(patch), mode="nearest")[0].long())
+            glabs.append(
+                F.interpolate(global_extent(lt, patch, start[0]), size=tuple(patch), mode="nearest")[0].long()
+            )
     return Views(
         torch.stack(locs),
         torch.stack(gviews),
