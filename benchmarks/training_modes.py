@@ -11,6 +11,7 @@ the source bundle's weights, so all rows are the same network. Prints a table an
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -86,6 +87,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="federated: segmentation rounds")
     parser.add_argument("--local-steps", type=int, default=100, help="federated: steps per site per round")
     parser.add_argument("--tta-steps", type=int, default=None, help="test-time mpl steps (default: shipped)")
+    parser.add_argument(
+        "--tta-limit", type=int, default=15, help="test-time mpl: batch of N LGE scans, labelled first"
+    )
+    parser.add_argument("--config", default=None, help="JSON object of further TrainConfig fields")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=RESULTS / "training_modes.json")
     args = parser.parse_args()
@@ -102,20 +107,24 @@ def main() -> None:
     inputs, labelled = task_inputs(TASK)
     scans = load_scans(inputs, bundle, None)
     scored_scans = [s for s in scans if s.case in labelled]
-    cfg = TrainConfig(
-        target_spacing=card.target_spacing,
-        patch_size=card.patch_size,
-        network=card.network,
-        normalisation=card.normalisation,
-        steps=args.steps,
-        lr=args.lr,
-        val_every=max(1, min(250, args.steps)),
+    cfg = TrainConfig.model_validate(
+        {
+            "target_spacing": card.target_spacing,
+            "patch_size": card.patch_size,
+            "network": card.network,
+            "normalisation": card.normalisation,
+            "steps": args.steps,
+            "lr": args.lr,
+            "val_every": max(1, min(250, args.steps)),
+            **(json.loads(args.config) if args.config else {}),
+        }
     )
     weights = bundle.path / "weights.pt"
     report = {
         "task": TASK,
         "bundle": bundle.ref,
         "target_training_scans": sorted(c for c in (s.case for s in scans) if c not in labelled),
+        "test_time_batch": [s.case for s in scans[: args.tta_limit]],
         "labelled_scans": [s.case for s in scored_scans],
         "config": cfg.model_dump(mode="json"),
         "machine": machine(),
@@ -127,7 +136,12 @@ def main() -> None:
     start = time.perf_counter()
     shipped = AdaptConfig().with_anatomy(card.largest_component)
     adapted = adapt(
-        net, [s.array for s in scans], card.patch_size, method=Method.MPL, steps=args.tta_steps, cfg=shipped
+        net,
+        [s.array for s in scans[: args.tta_limit]],
+        card.patch_size,
+        method=Method.MPL,
+        steps=args.tta_steps,
+        cfg=shipped,
     )
     report["rows"]["test-time mpl"] = {
         **score(adapted.net, bundle, scored_scans),
