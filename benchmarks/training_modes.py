@@ -99,6 +99,7 @@ def main() -> None:
     from models.pipeline import load_scans
     from trainer.data import load_prepared
     from trainer.federated import Site, train_federated
+    from trainer.train import TrainRun
     from trainer.uda import train_uda
 
     bundle = task_bundle(TASK)
@@ -119,7 +120,12 @@ def main() -> None:
             **(json.loads(args.config) if args.config else {}),
         }
     )
-    weights = bundle.path / "weights.pt"
+    # every mode starts from the source bundle's weights
+    start = {
+        "init_weights": bundle.path / "weights.pt",
+        "device": args.device,
+        "largest_component": card.largest_component,
+    }
     report = {
         "task": TASK,
         "bundle": bundle.ref,
@@ -156,14 +162,9 @@ def main() -> None:
             load_prepared(target_npz, card.target_spacing, card.normalisation),
             [],
             card.labels,
-            work_dir=args.work / "uda",
-            out_bundle=args.work / "uda-bundle",
-            name="cardiac-bssfp-lge-uda",
-            cfg=cfg,
-            uda=uda,
-            init_weights=weights,
-            device=args.device,
-            largest_component=card.largest_component,
+            TrainRun(args.work / "uda", args.work / "uda-bundle", "cardiac-bssfp-lge-uda", **start),
+            cfg,
+            uda,
         )
         report["rows"]["uda"] = {
             **score(trained.load_network(), bundle, scored_scans),
@@ -180,14 +181,14 @@ def main() -> None:
         trained = train_federated(
             sites,
             card.labels,
-            work_dir=args.work / "federated",
-            out_bundle=args.work / "federated-bundle",
-            name="cardiac-bssfp-lge-federated",
-            cfg=cfg,
-            fed=fed,
-            init_weights=weights,
-            device=args.device,
-            largest_component=card.largest_component,
+            TrainRun(
+                args.work / "federated",
+                args.work / "federated-bundle",
+                "cardiac-bssfp-lge-federated",
+                **start,
+            ),
+            cfg,
+            fed,
         )
         report["rows"]["federated"] = {
             **score(trained.load_network(), bundle, scored_scans),

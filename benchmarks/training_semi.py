@@ -95,7 +95,7 @@ def main() -> None:
     from trainer.config import TrainConfig
     from trainer.data import load_case
     from trainer.semi import train_semi
-    from trainer.train import train_source
+    from trainer.train import TrainRun, train_source
 
     cfg = TrainConfig(steps=args.steps, val_every=max(1, min(250, args.steps)))
     names = {int(k): v for k, v in json.loads((DATA / "cardiac/labels.json").read_text()).items()}
@@ -104,16 +104,13 @@ def main() -> None:
     labels_dir = DATA / DOMAINS[LABELLED_DOMAIN][1]
     labelled = [load_case(p, labels_dir / p.name, **grid, n_classes=len(names)) for p in labelled_files]
     pool = [load_case(p, None, **grid) for files in pool_files.values() for p in files]
+    heart = {"device": args.device, "largest_component": LargestComponent.foreground}
     alone = train_source(
         labelled,
         [],
         names,
-        work_dir=args.work / "alone",
-        out_bundle=args.work / "alone-bundle",
-        name="bssfp-few",
-        cfg=cfg,
-        device=args.device,
-        largest_component=LargestComponent.foreground,
+        TrainRun(args.work / "alone", args.work / "alone-bundle", "bssfp-few", **heart),
+        cfg,
         progress=lambda step, status: print(f"labelled only: step {step} {status}", flush=True),
     )
     semi_cfg = cfg.model_copy(
@@ -128,13 +125,14 @@ def main() -> None:
         pool,
         [],
         names,
-        work_dir=args.work / "semi",
-        out_bundle=args.work / "semi-bundle",
-        name="bssfp-few-semi",
-        cfg=semi_cfg,
-        init_weights=alone.path / "weights.pt",
-        device=args.device,
-        largest_component=LargestComponent.foreground,
+        TrainRun(
+            args.work / "semi",
+            args.work / "semi-bundle",
+            "bssfp-few-semi",
+            init_weights=alone.path / "weights.pt",
+            **heart,
+        ),
+        semi_cfg,
         progress=lambda step, status: print(f"semi: step {step} {status}", flush=True),
     )
     scored = _scored(labelled_files, args.score_limit)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -15,6 +17,9 @@ from cli.progress import ProgressReport
 from models.postprocessing import LargestComponent
 from models.terms import Method, Phase, TrainMode
 from trainer.config import PRETRAIN_STEPS, FederatedConfig, TrainConfig, UdaConfig
+
+if TYPE_CHECKING:
+    from trainer.train import TrainRun
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_show_locals=False)
 console = Console(stderr=True)
@@ -258,7 +263,7 @@ def train(
 
     Resumes from --work. Progress with the time left is a live bar in a terminal, plain lines in a log file."""
     from trainer.data import load_cases
-    from trainer.train import train_source
+    from trainer.train import TrainRun, train_source
 
     options = {
         "steps": steps,
@@ -276,16 +281,23 @@ def train(
         raise _fail(ValueError(f"--mode {mode} needs --target-images"))
     if (mode is TrainMode.SEMI) != bool(unlabelled):
         raise _fail(ValueError("--unlabelled goes with --mode semi, and --mode semi needs it"))
+    run = TrainRun(
+        work_dir=work,
+        out_bundle=out,
+        name=name,
+        version=version,
+        init_weights=pretrained,
+        device=device,
+        largest_component=largest_component,
+        summary={"images": str(images), "labels": str(labels) if labels else None},
+    )
     if mode is TrainMode.FEDERATED:
-        return _train_federated(
-            images, labels, names, target_images, name=name, version=version, out=out, work=work, cfg=cfg,
-            fed=FederatedConfig(mae_rounds=mae_rounds, rounds=rounds, warmup_rounds=warmup_rounds,
-                                local_steps=local_steps),
-            init_weights=pretrained, device=device, largest_component=largest_component,
-        )  # fmt: skip
+        fed = FederatedConfig(
+            mae_rounds=mae_rounds, rounds=rounds, warmup_rounds=warmup_rounds, local_steps=local_steps
+        )
+        return _train_federated(images, labels, names, target_images, run, cfg, fed)
     cases = load_cases(images, labels, names, cfg.target_spacing, cfg.normalisation)
     train_cases, held = (cases[:-val_cases], cases[-val_cases:]) if val_cases else (cases, [])
-    summary = {"images": str(images), "labels": str(labels) if labels else None}
     if mode is TrainMode.UDA:
         from trainer.uda import PRETRAINING, TRAINING, train_uda
 
@@ -294,27 +306,22 @@ def train(
         target = load_cases(target_images[0], None, None, cfg.target_spacing, cfg.normalisation)
         uda = UdaConfig(pretrain_steps=0 if pretrained else pretrain_steps, warmup_steps=warmup_steps)
         totals = {PRETRAINING: uda.pretrain_steps, TRAINING: cfg.steps} if uda.pretrain_steps else {}
+        run = replace(run, summary={**run.summary, "target_images": str(target_images[0])})
         with ProgressReport(console, totals or {TRAINING: cfg.steps}, unit="steps") as report:
-            bundle = train_uda(
-                train_cases, target, held, names, work_dir=work, out_bundle=out, name=name, cfg=cfg, uda=uda,
-                init_weights=pretrained, training_summary={**summary, "target_images": str(target_images[0])},
-                version=version, device=device, largest_component=largest_component, progress=report.update,
-            )  # fmt: skip
+            bundle = train_uda(train_cases, target, held, names, run, cfg, uda, progress=report.update)
         console.print(f"wrote {bundle} ({bundle.card.training['weights']})")
         return
-    run = {"work_dir": work, "out_bundle": out, "name": name, "cfg": cfg, "init_weights": pretrained,
-           "version": version, "device": device, "largest_component": largest_component}  # fmt: skip
     with ProgressReport(console, {"training": cfg.steps}, unit="steps") as report:
-        run["progress"] = lambda step, status: report.update("training", step, status)
+        progress = partial(report.update, "training")
         if mode is TrainMode.SEMI:
             from trainer.semi import train_semi
 
             grid = (cfg.target_spacing, cfg.normalisation)
             pool = [c for d in unlabelled for c in load_cases(d, None, None, *grid)]
-            summary["unlabelled"] = [str(d) for d in unlabelled]
-            bundle = train_semi(train_cases, pool, held, names, training_summary=summary, **run)
+            run = replace(run, summary={**run.summary, "unlabelled": [str(d) for d in unlabelled]})
+            bundle = train_semi(train_cases, pool, held, names, run, cfg, progress=progress)
         else:
-            bundle = train_source(train_cases, held, names, training_summary=summary, **run)
+            bundle = train_source(train_cases, held, names, run, cfg, progress=progress)
     validation = bundle.card.validation
     if "dice_mean" in validation:
         console.print(
@@ -329,11 +336,9 @@ def _train_federated(
     labels: Path | None,
     names: dict[int, str],
     target_images: list[Path],
-    *,
-    out: Path,
-    work: Path,
+    run: TrainRun,
+    cfg: TrainConfig,
     fed: FederatedConfig,
-    **kwargs,
 ) -> None:
     """The source and each target folder as a site in its own process; progress by rounds."""
     from trainer.federated import Site, train_federated
@@ -341,15 +346,7 @@ def _train_federated(
     sites = [Site(name="source", images=str(images), labels=str(labels) if labels else None, labelled=True)]
     sites += [Site(name=f"target{i + 1}", images=str(t)) for i, t in enumerate(target_images)]
     with ProgressReport(console, {"rounds": fed.mae_rounds + fed.rounds}, unit="rounds") as report:
-        bundle = train_federated(
-            sites,
-            names,
-            work_dir=work,
-            out_bundle=out,
-            fed=fed,
-            progress=lambda rnd, status: report.update("rounds", rnd, status),
-            **kwargs,
-        )
+        bundle = train_federated(sites, names, run, cfg, fed, progress=partial(report.update, "rounds"))
     per_round = bundle.card.training["bytes_per_round"]["mean"]
     console.print(
         f"wrote {bundle} ({bundle.card.training['rounds']} rounds, {per_round / 1e6:.1f} MB per round)"

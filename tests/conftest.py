@@ -12,7 +12,7 @@ from models.bundle import Bundle
 from models.phantom import PHANTOM_LABELS, PHANTOM_NETWORK, PHANTOM_PATCH, PHANTOM_SPACING, write_phantoms
 from trainer.config import TrainConfig
 from trainer.data import load_case
-from trainer.train import train_source
+from trainer.train import TrainRun, train_source
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -70,8 +70,6 @@ def tiny_bundle(tmp_path_factory, phantom_dir, tiny_config) -> Bundle:
         cases[:6],
         cases[6:],
         PHANTOM_LABELS,
-        work_dir=out / "work",
-        out_bundle=out / "phantom",
-        name="phantom",
-        cfg=tiny_config,
+        TrainRun(out / "work", out / "phantom", "phantom"),
+        tiny_config,
     )

@@ -16,7 +16,7 @@ from models.phantom import PHANTOM_LABELS
 from models.sampling import make_views
 from trainer.augment import RandLocationScaled
 from trainer.data import labelled_pairs, load_case
-from trainer.train import train_source
+from trainer.train import TrainRun, train_source
 
 PLAN_2D = NetworkConfig(
     out_channels=3,
@@ -53,10 +53,8 @@ def test_a_2d_plan_learns_the_phantoms_and_its_onnx_export_matches(phantom_dir, 
         cases[:6],
         cases[6:],
         PHANTOM_LABELS,
-        work_dir=tmp_path / "w",
-        out_bundle=tmp_path / "b",
-        name="p",
-        cfg=cfg,
+        TrainRun(tmp_path / "w", tmp_path / "b", "p"),
+        cfg,
     )
     assert bundle.card.network.spatial_dims == 2
     assert bundle.card.validation["dice_mean"] > 0.6

@@ -21,6 +21,7 @@ from trainer.config import SemiConfig
 from trainer.data import TrainingCase, labelled_pairs, load_case
 from trainer.mixing import aligned_views, amplitude_mix, cutmix_box, fit_to
 from trainer.semi import ReliablePool, train_semi
+from trainer.train import TrainRun
 
 # the phantoms' scanner, its noisy scanner, and a noisier one still
 DOMAINS = ("none", "noise", "noisier")
@@ -67,12 +68,9 @@ def test_semi_beats_the_labelled_scans_alone_on_the_unlabelled_domains(
         pool,
         [],
         PHANTOM_LABELS,
-        work_dir=tmp_path / "w",
-        out_bundle=tmp_path / "b",
-        name="semi",
-        cfg=cfg,
-        semi=FAST,
-        init_weights=tiny_bundle.path / "weights.pt",
+        TrainRun(tmp_path / "w", tmp_path / "b", "semi", init_weights=tiny_bundle.path / "weights.pt"),
+        cfg,
+        FAST,
     )
     alone, semi = tiny_bundle.load_network(), bundle.load_network()
     before = {d: _dice(alone, cases, cfg.patch_size) for d, cases in held_out.items()}
@@ -88,14 +86,14 @@ def test_semi_resumes_and_its_card_records_mode_data_and_rule(phantom_dir, tiny_
     labelled = _labelled(phantom_dir, tiny_config)
     pool = [_scan(200 + i, d, labelled=False) for i, d in enumerate(DOMAINS)]
     cfg = tiny_config.model_copy(update={"steps": 4, "batch_size": 1, "val_every": 2})
-    run = {"work_dir": tmp_path / "w", "out_bundle": tmp_path / "b", "name": "semi", "cfg": cfg, "semi": FAST}
+    run = (TrainRun(tmp_path / "w", tmp_path / "b", "semi"), cfg, FAST)
 
     def interrupted(step, status):
         if step == 3:
             raise KeyboardInterrupt  # stopped after step 3, with the step-2 checkpoint written
 
     with pytest.raises(KeyboardInterrupt):
-        train_semi(labelled[:2], pool, labelled[6:7], PHANTOM_LABELS, **run, progress=interrupted)
+        train_semi(labelled[:2], pool, labelled[6:7], PHANTOM_LABELS, *run, progress=interrupted)
     assert not (tmp_path / "b").exists()
     seen = []
     bundle = train_semi(
@@ -103,7 +101,7 @@ def test_semi_resumes_and_its_card_records_mode_data_and_rule(phantom_dir, tiny_
         pool,
         labelled[6:7],
         PHANTOM_LABELS,
-        **run,
+        *run,
         progress=lambda step, status: seen.append(step),
     )
     assert seen == [2, 3, 4]  # continues from the saved step
@@ -130,18 +128,18 @@ def test_train_command_gives_semi_the_unlabelled_pool(phantom_dir, tmp_path, mon
     assert result.exit_code == 2 and "--unlabelled" in result.output
     calls = []
 
-    def recorded(labelled, unlabelled, val_cases, labels, **kwargs):
-        calls.append((labelled, unlabelled, val_cases, kwargs))
+    def recorded(labelled, unlabelled, val_cases, labels, run, cfg, **kwargs):
+        calls.append((labelled, unlabelled, val_cases, run))
         return SimpleNamespace(card=SimpleNamespace(validation={}, training={"weights": "last"}))
 
     monkeypatch.setattr(trainer.semi, "train_semi", recorded)
     pool = [str(phantom_dir / "images"), "--unlabelled", str(phantom_dir / "images")]
     result = CliRunner().invoke(app, [*base, "--mode", "semi", "--unlabelled", *pool])
     assert result.exit_code == 0, result.output
-    [(labelled, unlabelled, val_cases, kwargs)] = calls
+    [(labelled, unlabelled, val_cases, run)] = calls
     assert len(labelled) == 6 and len(val_cases) == 2 and len(unlabelled) == 16
     assert all(c.labels is None for c in unlabelled) and all(c.labels is not None for c in labelled)
-    assert kwargs["training_summary"]["unlabelled"] == [str(phantom_dir / "images")] * 2
+    assert run.summary["unlabelled"] == [str(phantom_dir / "images")] * 2
 
 
 def test_intermediate_scans_keep_grid_anatomy_and_alignment():

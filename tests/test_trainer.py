@@ -16,7 +16,7 @@ from models.phantom import PHANTOM_LABELS
 from models.sampling import block_mask, make_views
 from trainer.config import TrainConfig
 from trainer.data import labelled_pairs, load_case, load_prepared
-from trainer.train import pretrain_mae, train_source, view_batches
+from trainer.train import TrainRun, pretrain_mae, train_source, view_batches
 
 
 def _cases(phantom_dir, cfg, labelled=True):
@@ -67,12 +67,12 @@ def test_training_resumes_from_its_checkpoint(phantom_dir, tiny_config, tmp_path
         return real_validate(*args)
 
     monkeypatch.setattr(train_module, "validate", interrupted_validate)
-    run = {"work_dir": tmp_path / "w", "out_bundle": tmp_path / "b", "name": "p", "cfg": cfg}
+    run = TrainRun(tmp_path / "w", tmp_path / "b", "p")
     with pytest.raises(KeyboardInterrupt):
-        train_source(cases[:4], cases[6:], PHANTOM_LABELS, **run)
+        train_source(cases[:4], cases[6:], PHANTOM_LABELS, run, cfg)
     assert not (tmp_path / "b").exists()
     monkeypatch.setattr(train_module, "validate", real_validate)
-    bundle = train_source(cases[:4], cases[6:], PHANTOM_LABELS, **run)
+    bundle = train_source(cases[:4], cases[6:], PHANTOM_LABELS, run, cfg)
     steps = [h["step"] for h in json.loads((tmp_path / "w" / "history.json").read_text())]
     assert steps == [2, 4, 6]
     assert bundle.card.training["train_cases"] == [c.case for c in cases[:4]]
@@ -86,10 +86,8 @@ def test_without_validation_cases_the_bundle_keeps_the_last_weights(phantom_dir,
         cases[:4],
         [],
         PHANTOM_LABELS,
-        work_dir=tmp_path / "w",
-        out_bundle=tmp_path / "b",
-        name="p",
-        cfg=cfg,
+        TrainRun(tmp_path / "w", tmp_path / "b", "p"),
+        cfg,
         progress=lambda step, status: steps.append(step),
     )
     assert steps == [0, 1, 2, 3, 4, 5, 6]

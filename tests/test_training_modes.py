@@ -21,7 +21,7 @@ from models.terms import TrainMode
 from trainer.config import FederatedConfig, UdaConfig
 from trainer.data import TrainingCase, labelled_pairs, load_case
 from trainer.federated import Site, train_federated
-from trainer.train import train_source, validate
+from trainer.train import TrainRun, train_source, validate
 from trainer.uda import PRETRAINING, TRAINING, train_uda
 
 MPL = MplConfig(ema=0.9, mask_block=(2, 8, 8))
@@ -56,10 +56,8 @@ def source_weights(phantom_dir, cfg, tmp_path_factory):
         _cases(phantom_dir, cfg),
         [],
         PHANTOM_LABELS,
-        work_dir=out / "w",
-        out_bundle=out / "b",
-        name="s",
-        cfg=run,
+        TrainRun(out / "w", out / "b", "s"),
+        run,
     )
     return bundle.path / "weights.pt"
 
@@ -83,13 +81,11 @@ class SealedCase(TrainingCase):
 def test_uda_pretrains_resumes_and_never_reads_target_labels(phantom_dir, target_dir, cfg, tmp_path):
     source = _cases(phantom_dir, cfg)
     target = [SealedCase(c.case, c.image, None) for c in _cases(target_dir, cfg, labelled=False)]
-    run = {
-        "work_dir": tmp_path / "w",
-        "out_bundle": tmp_path / "b",
-        "name": "u",
-        "cfg": cfg.model_copy(update={"steps": 4, "val_every": 2, "checkpoint_every": 1}),
-        "uda": UdaConfig(pretrain_steps=2, warmup_steps=1, target_batch_size=1, mpl=MPL),
-    }
+    run = (
+        TrainRun(tmp_path / "w", tmp_path / "b", "u"),
+        cfg.model_copy(update={"steps": 4, "val_every": 2, "checkpoint_every": 1}),
+        UdaConfig(pretrain_steps=2, warmup_steps=1, target_batch_size=1, mpl=MPL),
+    )
     seen = []
 
     def interrupted(phase, step, status):
@@ -98,12 +94,12 @@ def test_uda_pretrains_resumes_and_never_reads_target_labels(phantom_dir, target
             raise KeyboardInterrupt  # after the step-2 checkpoint
 
     with pytest.raises(KeyboardInterrupt):
-        train_uda(source[:4], target, source[6:], PHANTOM_LABELS, progress=interrupted, **run)
+        train_uda(source[:4], target, source[6:], PHANTOM_LABELS, *run, progress=interrupted)
     assert (PRETRAINING, 2) in seen and (tmp_path / "w" / "mae" / "mae.pt").exists()
     assert not (tmp_path / "b").exists()
     seen.clear()
     bundle = train_uda(
-        source[:4], target, source[6:], PHANTOM_LABELS, progress=lambda *a: seen.append(a[:2]), **run
+        source[:4], target, source[6:], PHANTOM_LABELS, *run, progress=lambda *a: seen.append(a[:2])
     )
     assert seen[seen.index((TRAINING, 2)) :] == [(TRAINING, s) for s in (2, 3, 4)]  # continues from step 2
     history = json.loads((tmp_path / "w" / "history.json").read_text())
@@ -125,10 +121,10 @@ def test_uda_beats_source_only_on_a_noisier_scanner(phantom_dir, target_dir, cfg
     dice = {}
     for weight in (0.0, 1.0):  # 0: the same supervised steps with the target's pseudo-labels off
         uda = UdaConfig(pretrain_steps=0, warmup_steps=0, mpl_weight=weight, target_batch_size=2, mpl=MPL)
+        run = TrainRun(tmp_path / f"w{weight}", tmp_path / f"b{weight}", "u", init_weights=source_weights)
         bundle = train_uda(
-            source, target, [], PHANTOM_LABELS, work_dir=tmp_path / f"w{weight}", out_bundle=tmp_path / f"b{weight}",
-            name="u", cfg=cfg.model_copy(update={"steps": 30, "lr": 1e-3}), uda=uda, init_weights=source_weights,
-        )  # fmt: skip
+            source, target, [], PHANTOM_LABELS, run, cfg.model_copy(update={"steps": 30, "lr": 1e-3}), uda
+        )
         dice[weight] = _target_dice(bundle, target_dir, cfg)
     assert dice[1.0] > dice[0.0] + 0.01, dice
 
@@ -147,9 +143,12 @@ def test_federated_sites_train_in_their_own_processes(phantom_dir, target_dir, c
         mae_rounds=1, rounds=1, warmup_rounds=0, local_steps=1, target_batch_size=1, mpl=MPL
     )
     bundle = train_federated(
-        _sites(phantom_dir, target_dir), PHANTOM_LABELS, work_dir=tmp_path / "w", out_bundle=tmp_path / "b",
-        name="f", cfg=cfg, fed=fed,
-    )  # fmt: skip
+        _sites(phantom_dir, target_dir),
+        PHANTOM_LABELS,
+        TrainRun(tmp_path / "w", tmp_path / "b", "f"),
+        cfg,
+        fed,
+    )
     history = json.loads((tmp_path / "w" / "history.json").read_text())
     assert [(h["round"], h["phase"]) for h in history] == [(1, "mae"), (2, "segmentation")]
     weights = sum(v.numel() * v.element_size() for v in bundle.load_network().state_dict().values())
@@ -170,19 +169,20 @@ def test_federated_sites_train_in_their_own_processes(phantom_dir, target_dir, c
 @pytest.mark.timeout(3600)  # two federated runs, each starting three processes
 def test_federated_resumes_after_the_last_finished_round(phantom_dir, target_dir, cfg, tmp_path):
     rounds = []
-    run = {"work_dir": tmp_path / "w", "out_bundle": tmp_path / "b", "name": "f", "cfg": cfg}
+    run = TrainRun(tmp_path / "w", tmp_path / "b", "f")
     first = FederatedConfig(
         mae_rounds=1, rounds=0, warmup_rounds=0, local_steps=1, target_batch_size=1, mpl=MPL
     )
-    train_federated(_sites(phantom_dir, target_dir), PHANTOM_LABELS, fed=first, **run)
+    train_federated(_sites(phantom_dir, target_dir), PHANTOM_LABELS, run, cfg, first)
     saved = json.loads((tmp_path / "w" / "history.json").read_text())
     then = first.model_copy(update={"rounds": 1})
     train_federated(
         _sites(phantom_dir, target_dir),
         PHANTOM_LABELS,
-        fed=then,
+        run,
+        cfg,
+        then,
         progress=lambda r, s: rounds.append(r),
-        **run,
     )
     assert rounds == [1, 2, 2]  # resumed after round 1, ran round 2
     history = json.loads((tmp_path / "w" / "history.json").read_text())
@@ -199,10 +199,8 @@ def test_federated_beats_source_only_on_a_noisier_scanner(
         fed = FederatedConfig(
             mae_rounds=0, rounds=3, warmup_rounds=warmup, local_steps=10, target_batch_size=2, mpl=MPL
         )
-        bundle = train_federated(
-            _sites(phantom_dir, target_dir), PHANTOM_LABELS, work_dir=tmp_path / f"w{warmup}",
-            out_bundle=tmp_path / f"b{warmup}", name="f", cfg=cfg, fed=fed, init_weights=source_weights,
-        )  # fmt: skip
+        run = TrainRun(tmp_path / f"w{warmup}", tmp_path / f"b{warmup}", "f", init_weights=source_weights)
+        bundle = train_federated(_sites(phantom_dir, target_dir), PHANTOM_LABELS, run, cfg, fed)
         dice[warmup] = _target_dice(bundle, target_dir, cfg)
     assert dice[1] > dice[3] + 0.01, dice
 

@@ -24,12 +24,15 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydantic import BaseModel
 
-from models.postprocessing import LargestComponent
 from trainer.config import FederatedConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from trainer.train import TrainRun
 
 SPEC, GLOBAL, HISTORY = "federated.json", "global.pt", "history.json"
 MAE, SEGMENTATION = "mae", "segmentation"
@@ -324,56 +327,47 @@ def run_rounds(spec: Spec, work: Path, progress: RoundProgress, poll: float = 1.
 def train_federated(
     sites: Sequence[Site],
     labels: dict[int, str],
-    *,
-    work_dir: str | Path,
-    out_bundle: str | Path,
-    name: str,
+    run: TrainRun,
     cfg: TrainConfig | None = None,
     fed: FederatedConfig | None = None,
-    init_weights: str | Path | None = None,
-    version: str = "1",
-    device: str = "cpu",
-    largest_component: LargestComponent = LargestComponent.off,
     progress: RoundProgress | None = None,
 ):
-    """FedAvg over ``sites`` (exactly one labelled) in separate processes; writes a bundle of the global weights.
+    """FedAvg over ``sites`` (exactly one labelled) in separate processes; writes ``run``'s bundle of the global
+    weights.
 
-    Resumes from ``work_dir`` after the last finished round. ``progress`` hears the rounds done after each one.
+    Resumes from the run's work folder after the last finished round. ``progress`` hears the rounds done after
+    each one.
     """
     import torch
 
-    from models.bundle import save_bundle
     from models.terms import TrainMode
-    from trainer.train import device_name, training_card
 
     cfg, fed = cfg or TrainConfig(), fed or FederatedConfig()
-    fed = fed.model_copy(update={"mpl": fed.mpl.with_anatomy(largest_component)})
+    fed = fed.model_copy(update={"mpl": fed.mpl.with_anatomy(run.largest_component)})
     if sum(s.labelled for s in sites) != 1 or len({s.name for s in sites}) != len(sites):
         raise ValueError("federated training needs exactly one labelled site and distinct site names")
-    work = Path(work_dir)
     spec = Spec(
         sites=list(sites),
         labels=labels,
         cfg=cfg,
         fed=fed,
         address=f"127.0.0.1:{free_port()}",
-        device=device,
-        init_weights=str(init_weights) if init_weights else None,
+        device=run.device,
+        init_weights=str(run.init_weights) if run.init_weights else None,
         threads=max(1, len(os.sched_getaffinity(0)) // len(sites)),
     )
+    work = run.work()
     history = run_rounds(spec, work, progress or (lambda rnd, status: None))
     net = _network(spec)
     net.load_state_dict(torch.load(work / GLOBAL, map_location="cpu", weights_only=False)["net"])
     source = next(s for s in sites if s.labelled)
     facts = history[-1]["sites"]
     exchanged = [h["bytes_down"] + h["bytes_up"] for h in history]
-    card = training_card(
+    return run.write_bundle(
         net,
         cfg,
         labels,
         json.loads(facts[source.name]["label_volumes_ml"]),
-        name=name,
-        version=version,
         description=f"Federated model: {len(sites)} sites, labelled site {source.name}",
         training={
             "mode": TrainMode.FEDERATED.value,
@@ -387,16 +381,11 @@ def train_federated(
             "bytes_per_round": {"mean": float(np.mean(exchanged)), "max": int(max(exchanged))},
             "bytes_total": int(sum(exchanged)),
             "weights": f"global FedAvg weights after round {len(history)}",
-            "config": cfg.model_dump(mode="json"),
             "federated": fed.model_dump(mode="json"),
-            "pretrained_from": spec.init_weights,
-            "seconds": history[-1]["seconds"],
-            "device": device_name(device),
         },
         validation={"split": "none: the server holds no scans"},
-        largest_component=largest_component,
+        seconds=history[-1]["seconds"],
     )
-    return save_bundle(net, card, out_bundle)
 
 
 if __name__ == "__main__":

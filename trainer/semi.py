@@ -23,15 +23,13 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from models.bundle import Bundle, save_bundle
+from models.bundle import Bundle
 from models.mpl import PseudoLabels, ema_update, mpl_pseudo_labels, mpl_student_loss
 from models.network import GlobalLocalUNet
-from models.postprocessing import LargestComponent
 from models.sampling import Views, make_views
 from models.terms import TrainMode
 from trainer.augment import augment, strong_augmentation, training_augmentation
@@ -43,11 +41,10 @@ from trainer.train import (
     HISTORY,
     LAST,
     StepProgress,
-    device_name,
-    load_initial_weights,
+    TrainRun,
+    one_cycle,
     resume_checkpoint,
     save_checkpoint,
-    training_card,
     validate,
 )
 
@@ -297,22 +294,14 @@ def train_semi(
     unlabelled: Sequence[TrainingCase],
     val_cases: Sequence[TrainingCase],
     labels: dict[int, str],
-    *,
-    work_dir: str | Path,
-    out_bundle: str | Path,
-    name: str,
+    run: TrainRun,
     cfg: TrainConfig | None = None,
     semi: SemiConfig | None = None,
-    init_weights: str | Path | None = None,
-    training_summary: dict | None = None,
-    version: str = "1",
-    device: str = "cpu",
-    largest_component: LargestComponent = LargestComponent.off,
     progress: StepProgress | None = None,
 ) -> Bundle:
-    """Train on ``labelled`` scans of one domain and ``unlabelled`` scans of any domains; writes a bundle.
+    """Train on ``labelled`` scans of one domain and ``unlabelled`` scans of any domains; writes ``run``'s bundle.
 
-    Checkpoints student, teacher, optimiser, reliable pool and history into ``work_dir`` every
+    Checkpoints student, teacher, optimiser, reliable pool and history into the run's work folder every
     ``cfg.val_every`` steps and resumes from there. The bundle holds the teacher: with validation cases (labelled,
     of the labelled domain) its weights of the best validation Dice, else the last. ``progress`` hears the steps
     done after every step.
@@ -322,18 +311,13 @@ def train_semi(
     if not labelled or not unlabelled:
         raise ValueError("semi-supervised training needs labelled and unlabelled scans")
     progress = progress or (lambda step, status: None)
-    work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    student = GlobalLocalUNet(cfg.network.model_copy(update={"out_channels": len(labels)}))
-    load_initial_weights(student, init_weights)
-    student.to(device)
-    teacher = GlobalLocalUNet(student.config).to(device)
+    work = run.work()
+    student = run.network(cfg, len(labels))
+    teacher = GlobalLocalUNet(student.config).to(run.device)
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad_(False)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
+    opt, sched = one_cycle(student, cfg)
     ckpt = resume_checkpoint(work / LAST, student, opt, sched)
     if ckpt:
         teacher.load_state_dict(ckpt["teacher"])
@@ -349,7 +333,9 @@ def train_semi(
     start = time.perf_counter()
     progress(step, "resumed" if step else "")
     while step < cfg.steps:
-        loss, stats = _semi_loss(student, teacher, sampler, pool, semi, step / cfg.steps, generator, device)
+        loss, stats = _semi_loss(
+            student, teacher, sampler, pool, semi, step / cfg.steps, generator, run.device
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -385,23 +371,19 @@ def train_semi(
             (work / HISTORY).write_text(json.dumps(history, indent=2))
         status = f"loss {float(loss):.3f}, {len(pool.members)} reliable"
         progress(step, status + (f", best Dice {best['dice_mean']:.3f}" if val_cases else ""))
-    seconds = round(elapsed + time.perf_counter() - start, 1)
     teacher.cpu()
     if val_cases:
         teacher.load_state_dict(torch.load(work / BEST, map_location="cpu", weights_only=True))
         validation = {"split": "held-out labelled cases of the labelled domain, model grid", **best}
     else:
         validation = {"split": "none: no held-out cases, the bundle holds the last step's weights"}
-    card = training_card(
+    return run.write_bundle(
         teacher,
         cfg,
         labels,
         source_volume_ranges(labelled, labels, cfg.target_spacing),
-        name=name,
-        version=version,
         description=f"Trained on {len(labelled)} labelled and {len(unlabelled)} unlabelled scans (semi)",
         training={
-            **(training_summary or {}),
             "mode": TrainMode.SEMI.value,
             "rule": RULE,
             "labelled_cases": [c.case for c in labelled],
@@ -410,13 +392,8 @@ def train_semi(
             "weights": f"EMA teacher, best validation Dice (step {best['step']})"
             if val_cases
             else f"EMA teacher, last (step {step})",
-            "config": cfg.model_dump(mode="json"),
             "semi": semi.model_dump(mode="json"),
-            "pretrained_from": str(init_weights) if init_weights else None,
-            "seconds": seconds,
-            "device": device_name(device),
         },
         validation=validation,
-        largest_component=largest_component,
+        seconds=elapsed + time.perf_counter() - start,
     )
-    return save_bundle(teacher, card, out_bundle)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -136,73 +137,102 @@ def load_initial_weights(net: GlobalLocalUNet, path: str | Path | None) -> None:
     )
 
 
-def training_card(
-    net: GlobalLocalUNet,
-    cfg: TrainConfig,
-    labels: dict[int, str],
-    label_volumes_ml: VolumeRanges,
-    *,
-    name: str,
-    version: str,
-    description: str,
-    training: dict,
-    validation: dict,
-    largest_component: LargestComponent,
-) -> ModelCard:
-    """The model card of a trained network; ``label_volumes_ml`` from :func:`trainer.data.source_volume_ranges`."""
-    return ModelCard(
-        name=name,
-        version=version,
-        description=description,
-        labels=labels,
-        target_spacing=cfg.target_spacing,
-        patch_size=cfg.patch_size,
-        normalisation=cfg.normalisation,
-        network=net.config,
-        training=training,
-        validation=validation,
-        label_volumes_ml=label_volumes_ml,
-        largest_component=largest_component,
-    )
-
-
 def device_name(device: str) -> str:
     """The accelerator's name for the card, or ``cpu``."""
     return torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """What every training mode shares: where it checkpoints (``work_dir``, resumed from), the bundle it writes
+    (folder, name, version), the weights it starts from, the device, the clean-up its card names
+    (``foreground`` for one heart), and ``summary``: what the card records of the data beside the mode's own
+    facts."""
+
+    work_dir: Path
+    out_bundle: Path
+    name: str
+    version: str = "1"
+    init_weights: Path | None = None
+    device: str = "cpu"
+    largest_component: LargestComponent = LargestComponent.off
+    summary: dict = field(default_factory=dict)
+
+    def work(self) -> Path:
+        """The checkpoint folder, created."""
+        Path(self.work_dir).mkdir(parents=True, exist_ok=True)
+        return Path(self.work_dir)
+
+    def network(self, cfg: TrainConfig, n_classes: int) -> GlobalLocalUNet:
+        """``cfg``'s network with ``n_classes`` outputs, from ``init_weights`` where given, on the device."""
+        torch.manual_seed(cfg.seed)
+        net = GlobalLocalUNet(cfg.network.model_copy(update={"out_channels": n_classes}))
+        load_initial_weights(net, self.init_weights)
+        return net.to(self.device)
+
+    def write_bundle(
+        self,
+        net: GlobalLocalUNet,
+        cfg: TrainConfig,
+        labels: dict[int, str],
+        label_volumes_ml: VolumeRanges,
+        *,
+        description: str,
+        training: dict,
+        validation: dict,
+        seconds: float,
+    ) -> Bundle:
+        """Save ``net`` with its card: the mode's ``training`` facts beside the summary, the settings, the initial
+        weights, the wall time and the device; ``label_volumes_ml`` from :func:`trainer.data.source_volume_ranges`.
+        """
+        card = ModelCard(
+            name=self.name,
+            version=self.version,
+            description=description,
+            labels=labels,
+            target_spacing=cfg.target_spacing,
+            patch_size=cfg.patch_size,
+            normalisation=cfg.normalisation,
+            network=net.config,
+            training={
+                **self.summary,
+                **training,
+                "config": cfg.model_dump(mode="json"),
+                "pretrained_from": str(self.init_weights) if self.init_weights else None,
+                "seconds": round(seconds, 1),
+                "device": device_name(self.device),
+            },
+            validation=validation,
+            label_volumes_ml=label_volumes_ml,
+            largest_component=self.largest_component,
+        )
+        return save_bundle(net.cpu(), card, self.out_bundle)
+
+
+def one_cycle(net: torch.nn.Module, cfg: TrainConfig):
+    """AdamW with the one-cycle schedule over ``cfg.steps`` that every segmentation mode trains with."""
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
 
 
 def train_source(
     train_cases: Sequence[TrainingCase],
     val_cases: Sequence[TrainingCase],
     labels: dict[int, str],
-    *,
-    work_dir: str | Path,
-    out_bundle: str | Path,
-    name: str,
+    run: TrainRun,
     cfg: TrainConfig | None = None,
-    init_weights: str | Path | None = None,
-    training_summary: dict | None = None,
-    version: str = "1",
-    device: str = "cpu",
-    largest_component: LargestComponent = LargestComponent.off,
     progress: StepProgress | None = None,
 ) -> Bundle:
-    """Supervised training on labelled source cases; writes a bundle and resumes from ``work_dir``.
+    """Supervised training on labelled source cases; writes ``run``'s bundle and resumes from its work folder.
 
     With validation cases the bundle keeps the weights of the best validation Dice; without any it keeps the last
-    step's weights and its card says so. ``largest_component`` goes to the card: the clean-up the anatomy allows
-    (``foreground`` for one heart). ``progress`` hears the steps done after every step.
+    step's weights and its card says so. ``progress`` hears the steps done after every step.
     """
     cfg = cfg or TrainConfig()
     progress = progress or (lambda step, status: None)
-    work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    net = GlobalLocalUNet(cfg.network.model_copy(update={"out_channels": len(labels)}))
-    load_initial_weights(net, init_weights)
-    net.to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
+    work = run.work()
+    net = run.network(cfg, len(labels))
+    opt, sched = one_cycle(net, cfg)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     ckpt = resume_checkpoint(work / LAST, net, opt, sched)
     step, best, history = ckpt.get("step", 0), ckpt.get("best", {"dice_mean": -1.0}), ckpt.get("history", [])
@@ -211,7 +241,7 @@ def train_source(
     batches = view_batches(train_cases, cfg, labelled=True, start_step=step)
     progress(step, "resumed" if step else "")
     while step < cfg.steps:
-        loss = supervised_loss(net, next(batches).to(device), cfg, loss_fn)
+        loss = supervised_loss(net, next(batches).to(run.device), cfg, loss_fn)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -239,29 +269,21 @@ def train_source(
         validation = {"split": "held-out source cases, model grid", **best}
     else:
         validation = {"split": "none: no held-out cases, the bundle holds the last step's weights"}
-    card = training_card(
+    return run.write_bundle(
         net,
         cfg,
         labels,
         source_volume_ranges(train_cases, labels, cfg.target_spacing),
-        name=name,
-        version=version,
         description=f"Source model trained on {len(train_cases)} labelled scans",
         training={
-            **(training_summary or {}),
             "mode": TrainMode.SOURCE.value,
             "train_cases": [c.case for c in train_cases],
             "val_cases": [c.case for c in val_cases],
             "weights": f"best validation Dice (step {best['step']})" if val_cases else f"last (step {step})",
-            "config": cfg.model_dump(mode="json"),
-            "pretrained_from": str(init_weights) if init_weights else None,
-            "seconds": round(time.perf_counter() - start, 1),
-            "device": device_name(device),
         },
         validation=validation,
-        largest_component=largest_component,
+        seconds=time.perf_counter() - start,
     )
-    return save_bundle(net, card, out_bundle)
 
 
 def mae_loss(net: GlobalLocalUNet, v: Views, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:

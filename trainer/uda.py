@@ -12,28 +12,25 @@ import copy
 import json
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from dataclasses import replace
 
 import torch
 from monai.losses import DiceCELoss
 
-from models.bundle import Bundle, save_bundle
+from models.bundle import Bundle
 from models.mpl import ema_update, mpl_pseudo_labels, mpl_student_loss
-from models.network import GlobalLocalUNet
-from models.postprocessing import LargestComponent
 from models.terms import TrainMode
 from trainer.config import TrainConfig, UdaConfig
 from trainer.data import TrainingCase, source_volume_ranges
 from trainer.train import (
     HISTORY,
     LAST,
-    device_name,
-    load_initial_weights,
+    TrainRun,
+    one_cycle,
     pretrain_mae,
     resume_checkpoint,
     save_checkpoint,
     supervised_loss,
-    training_card,
     validate,
     view_batches,
 )
@@ -58,48 +55,37 @@ def train_uda(
     target_cases: Sequence[TrainingCase],
     val_cases: Sequence[TrainingCase],
     labels: dict[int, str],
-    *,
-    work_dir: str | Path,
-    out_bundle: str | Path,
-    name: str,
+    run: TrainRun,
     cfg: TrainConfig | None = None,
     uda: UdaConfig | None = None,
-    init_weights: str | Path | None = None,
-    training_summary: dict | None = None,
-    version: str = "1",
-    device: str = "cpu",
-    largest_component: LargestComponent = LargestComponent.off,
     progress: PhaseProgress | None = None,
 ) -> Bundle:
-    """Pretrain on source + target, then train on labelled source and unlabelled target scans; writes a bundle.
+    """Pretrain on source + target, then train on labelled source and unlabelled target scans; writes ``run``'s
+    bundle.
 
-    Resumes from ``work_dir`` (pretraining in ``work_dir/mae``, joint training from ``last.pt``); with
-    ``init_weights`` pretraining is skipped. ``val_cases`` (held-out labelled source scans) are scored with the
+    Resumes from the run's work folder (pretraining in ``mae/``, joint training from ``last.pt``); with the run's
+    initial weights pretraining is skipped. ``val_cases`` (held-out labelled source scans) are scored with the
     teacher at every checkpoint for the history; the bundle keeps the last teacher. ``progress`` hears
     (phase, steps done, status) after every step.
     """
     cfg, uda = cfg or TrainConfig(), uda or UdaConfig()
     progress = progress or (lambda phase, step, status: None)
-    work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    target, mpl = unlabelled(target_cases), uda.mpl.with_anatomy(largest_component)
-    if init_weights is None and uda.pretrain_steps:
-        init_weights = pretrain_mae(
+    work = run.work()
+    target, mpl = unlabelled(target_cases), uda.mpl.with_anatomy(run.largest_component)
+    if run.init_weights is None and uda.pretrain_steps:
+        mae = pretrain_mae(
             unlabelled(source_cases) + target,
             work / "mae",
             cfg=cfg.model_copy(update={"steps": uda.pretrain_steps}),
-            device=device,
+            device=run.device,
             progress=lambda step, status: progress(PRETRAINING, step, status),
         )
-    torch.manual_seed(cfg.seed)
-    student = GlobalLocalUNet(cfg.network.model_copy(update={"out_channels": len(labels)}))
-    load_initial_weights(student, init_weights)
-    student.to(device)
+        run = replace(run, init_weights=mae)
+    student = run.network(cfg, len(labels))
     teacher = copy.deepcopy(student).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
+    opt, sched = one_cycle(student, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     ckpt = resume_checkpoint(work / LAST, student, opt, sched)
     if ckpt:
@@ -117,10 +103,10 @@ def train_uda(
     started = time.perf_counter()
     progress(TRAINING, step, "resumed" if step else "")
     while step < cfg.steps:
-        loss = supervised_loss(student, next(source_batches).to(device), cfg, loss_fn)
+        loss = supervised_loss(student, next(source_batches).to(run.device), cfg, loss_fn)
         weight, mpl_loss, agreement = mpl_weight_at(step, uda), 0.0, float("nan")
         if weight:
-            v = next(target_batches).to(device)
+            v = next(target_batches).to(run.device)
             pseudo = mpl_pseudo_labels(teacher, v, mpl)
             mpl_loss, agreement = mpl_student_loss(student, v, pseudo, mpl, gen)
             loss = loss + weight * mpl_loss
@@ -151,8 +137,6 @@ def train_uda(
         progress(
             TRAINING, step, f"loss {float(loss.detach()):.3f}" + (f", mpl {mpl_loss:.3f}" if weight else "")
         )
-    seconds = elapsed + time.perf_counter() - started
-    teacher.cpu()
     last = history[-1] if history else {}
     validation = (
         {"split": "held-out source cases, model grid (the teacher, last step)", **last}
@@ -160,29 +144,21 @@ def train_uda(
         else {"split": "none: no held-out source cases"}
     )
     validation["target"] = "not scored: " + TARGET_RULE
-    card = training_card(
+    return run.write_bundle(
         teacher,
         cfg,
         labels,
         source_volume_ranges(source_cases, labels, cfg.target_spacing),
-        name=name,
-        version=version,
         description=f"UDA model: {len(source_cases)} labelled source and {len(target)} unlabelled target scans",
         training={
-            **(training_summary or {}),
             "mode": TrainMode.UDA.value,
             "rule": TARGET_RULE,
             "train_cases": [c.case for c in source_cases],
             "target_cases": [c.case for c in target],
             "val_cases": [c.case for c in val_cases],
             "weights": f"EMA teacher, last (step {step})",
-            "config": cfg.model_dump(mode="json"),
             "uda": uda.model_copy(update={"mpl": mpl}).model_dump(mode="json"),
-            "pretrained_from": str(init_weights) if init_weights else None,
-            "seconds": round(seconds, 1),
-            "device": device_name(device),
         },
         validation=validation,
-        largest_component=largest_component,
+        seconds=elapsed + time.perf_counter() - started,
     )
-    return save_bundle(teacher, card, out_bundle)
