@@ -165,6 +165,7 @@ def main() -> None:
             TrainRun(args.work / "uda", args.work / "uda-bundle", "cardiac-bssfp-lge-uda", **start),
             cfg,
             uda,
+            progress=lambda phase, step, status: print(f"uda {phase}: step {step} {status}", flush=True),
         )
         report["rows"]["uda"] = {
             **score(trained.load_network(), bundle, scored_scans),
@@ -189,6 +190,7 @@ def main() -> None:
             ),
             cfg,
             fed,
+            progress=lambda rnd, status: print(f"federated: round {rnd} {status}", flush=True),
         )
         report["rows"]["federated"] = {
             **score(trained.load_network(), bundle, scored_scans),

@@ -14,13 +14,15 @@ from typer.testing import CliRunner
 from cli.main import app
 from models.guard import dice_per_class
 from models.inference import predict_volume, torch_predictor
+from models.mpl import PseudoLabels
 from models.phantom import PHANTOM_LABELS, phantom
 from models.preprocessing import Normalisation
+from models.sampling import Views
 from models.terms import TrainMode
 from trainer.config import SemiConfig
 from trainer.data import TrainingCase, labelled_pairs, load_case
 from trainer.mixing import aligned_views, amplitude_mix, cutmix_box, fit_to
-from trainer.semi import ReliablePool, train_semi
+from trainer.semi import HardestScan, ReliablePool, train_semi
 from trainer.train import TrainRun
 
 # the phantoms' scanner, its noisy scanner, and a noisier one still
@@ -168,3 +170,32 @@ def test_reliable_pool_admits_easy_scans_and_follows_their_hardness():
     pool.update([4], [0.01])
     assert [i for i, _ in pool.members] == [4, 0]
     assert ReliablePool(SemiConfig(), pool.state()).members == pool.members
+
+
+def test_the_hardest_scan_is_learnt_next_step_around_a_labelled_box():
+    shape = (2, 4, 16, 16)  # two scans of (z, y, x)
+    plain = Views(torch.zeros(2, 1, *shape[1:]), torch.zeros(2, 1, *shape[1:]), torch.zeros(2, 6))
+    own = torch.zeros(shape, dtype=torch.long)
+    own[1, :, 2:4, 2:4] = 1  # the kept scan's structure, top left
+    weight = torch.full(shape, 0.5)
+    teacher = PseudoLabels(own, own.clone(), weight, weight.clone(), torch.zeros(2, 3, *shape[1:]))
+    hardest = HardestScan()
+    rng = np.random.default_rng(0)
+    assert hardest.mixed(plain, rng, FAST) is None  # nothing kept before the first step
+    hardest.remember(plain, teacher, [0.1, 0.7])  # the second scan is the least reliable
+    ref = torch.zeros((1, 1, *shape[1:]), dtype=torch.long)
+    ref[0, 0, :, 10:12, 9:13] = 2  # the labelled view's structure, bottom right
+    lab = Views(
+        torch.ones(1, 1, *shape[1:]), torch.ones(1, 1, *shape[1:]), torch.zeros(1, 6), ref, ref.clone()
+    )
+    views, labels = hardest.mixed(lab, rng, FAST)
+    inside = torch.zeros(shape[1:], dtype=torch.bool)
+    inside[:, 2:12, 2:13] = True  # the box covering both structures, through all slices
+    both = [(views.local, labels.local, labels.local_weight)]
+    both.append((views.global_view, labels.global_, labels.global_weight))
+    for image, got, w in both:
+        assert torch.equal(image[0, 0] > 0, inside)  # the labelled view inside, the kept scan outside
+        assert torch.equal(got[0], torch.where(inside, ref[0, 0], own[1]))
+        assert torch.equal(w[0], torch.where(inside, 1.0, 0.5))
+    restored = HardestScan(hardest.state())
+    assert torch.equal(restored.labels.local, own[1:])

@@ -13,7 +13,9 @@ masked pseudo-labelling of test-time ``mpl`` (:mod:`models.mpl`). Every step, fo
   where it kept its own surroundings, and counts only where that label agrees with the teacher's label of the
   plain scan; the student learns the strongly perturbed plain scan from these merged labels;
 - a scan whose pseudo-labels the student already reproduces joins the reliable pool (a threshold that follows
-  the pool's hardness).
+  the pool's hardness);
+- the scan it reproduces worst is kept, and the next step pastes a labelled scan into it, in the box that covers
+  both scans' structures (:class:`HardestScan`).
 The labelled scans are learned with the same loss and weight one; the EMA teacher is the shipped model.
 """
 
@@ -23,6 +25,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -102,6 +105,87 @@ class ReliablePool:
     def state(self) -> dict:
         """What a checkpoint keeps."""
         return {"members": self.members, "threshold": self.threshold}
+
+
+def cover_box(region: torch.Tensor, rng: np.random.Generator, semi: SemiConfig) -> torch.Tensor:
+    """A (z, y, x) mask of ones in the smallest in-plane box, through all slices, around the voxels of
+    ``region``; a random copy-paste box when the region is empty."""
+    ys, xs = region.any(dim=(0, 2)).nonzero()[:, 0], region.any(dim=(0, 1)).nonzero()[:, 0]
+    if not len(ys):
+        box = cutmix_box(tuple(region.shape), rng, semi.box_area, semi.box_aspect)
+        return torch.from_numpy(box).to(region.device) > 0
+    mask = torch.zeros_like(region, dtype=torch.bool)
+    mask[:, int(ys.min()) : int(ys.max()) + 1, int(xs.min()) : int(xs.max()) + 1] = True
+    return mask
+
+
+class HardestScan:
+    """UST-RUN's step for the least reliable unlabelled scan.
+
+    Each step keeps the plain views of the drawn unlabelled scan whose pseudo-labels the student reproduced
+    worst, with the teacher's labels of them. The next step pastes a labelled scan's views into it, inside the box
+    that covers the structures of both (reference labels, full weight, inside; the kept pseudo-labels outside), and
+    the student learns it beside the copy-paste scans.
+    """
+
+    def __init__(self, state: dict | None = None) -> None:
+        state = state or {}
+        self.views: Views | None = state.get("views")
+        self.labels: PseudoLabels | None = state.get("labels")
+
+    def remember(self, views: Views, labels: PseudoLabels, scores: Sequence[float]) -> None:
+        """Keep the scan of the batch with the highest hardness."""
+        j = int(np.argmax(scores))
+        self.views = Views(*(t[j : j + 1].detach() for t in (views.local, views.global_view, views.box)))
+        self.labels = PseudoLabels(
+            *(
+                t[j : j + 1].detach()
+                for t in (labels.local, labels.global_, labels.local_weight, labels.global_weight)
+            ),
+            labels.teacher_logits[j : j + 1].detach(),
+        )
+
+    def mixed(
+        self, lab: Views, rng: np.random.Generator, semi: SemiConfig
+    ) -> tuple[Views, PseudoLabels] | None:
+        """The kept scan with one of ``lab``'s labelled views pasted in, and its labels; None before any step."""
+        if self.views is None or self.labels is None:
+            return None
+        device = lab.local.device
+        views, labels = self.views.to(device), self.labels
+        k = int(rng.integers(len(lab.local)))
+        own = {"local": labels.local.to(device), "global": labels.global_.to(device)}
+        ref = {"local": lab.local_labels[k : k + 1, 0], "global": lab.global_labels[k : k + 1, 0]}
+        boxes = {n: cover_box((own[n][0] > 0) | (ref[n][0] > 0), rng, semi)[None] for n in own}
+        inside = {"local": lab.local[k : k + 1], "global": lab.global_view[k : k + 1]}
+        mixed = Views(
+            torch.where(boxes["local"][:, None], inside["local"], views.local),
+            torch.where(boxes["global"][:, None], inside["global"], views.global_view),
+            views.box,
+        )
+        weights = {"local": labels.local_weight.to(device), "global": labels.global_weight.to(device)}
+        mixed_labels = PseudoLabels(
+            *(torch.where(boxes[n], ref[n], own[n]) for n in ("local", "global")),
+            *(torch.where(boxes[n], torch.ones_like(weights[n]), weights[n]) for n in ("local", "global")),
+            labels.teacher_logits.to(device),
+        )
+        return mixed, mixed_labels
+
+    def state(self) -> dict:
+        """What a checkpoint keeps (on the CPU)."""
+        if self.views is None or self.labels is None:
+            return {}
+        return {
+            "views": self.views.to("cpu"),
+            "labels": PseudoLabels(*(getattr(self.labels, f.name).cpu() for f in fields(PseudoLabels))),
+        }
+
+
+def _joined(first: PseudoLabels, second: PseudoLabels) -> PseudoLabels:
+    """The labels of two batches as one."""
+    return PseudoLabels(
+        *(torch.cat([getattr(first, f.name), getattr(second, f.name)]) for f in fields(PseudoLabels))
+    )
 
 
 def _cat(views: Sequence[Views]) -> Views:
@@ -239,12 +323,14 @@ def _semi_loss(
     teacher: GlobalLocalUNet,
     sampler: _Sampler,
     pool: ReliablePool,
+    hardest: HardestScan,
     semi: SemiConfig,
     progress: float,
     generator: torch.Generator,
     device: str,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """One step's loss: labelled + ramped (copy-paste both ways + ramped symmetric guidance); updates the pool."""
+    """One step's loss: labelled + ramped (copy-paste both ways, with the last step's hardest scan pasted into,
+    + ramped symmetric guidance); updates the pool and the hardest scan."""
     n_classes = student.config.out_channels
     lab = sampler.labelled_views().to(device)
     targets = _labels(lab.local_labels[:, 0], lab.global_labels[:, 0])
@@ -258,7 +344,11 @@ def _semi_loss(
     pasted = _per_scan(
         known.to(device), _labels(ref.local[:, 0].long(), ref.global_view[:, 0].long()), donor_l
     )
-    copy_paste = mpl_student_loss(student, ul_s, _where(box, pasted, plain_l), semi.mpl, generator).loss
+    ul_views, ul_labels = ul_s, _where(box, pasted, plain_l)
+    hardest_mix = hardest.mixed(lab, sampler.rng, semi)
+    if hardest_mix is not None:  # one more intermediate scan: the hardest one around a labelled box
+        ul_views, ul_labels = _cat([ul_s, hardest_mix[0]]), _joined(ul_labels, hardest_mix[1])
+    copy_paste = mpl_student_loss(student, ul_views, ul_labels, semi.mpl, generator).loss
     copy_paste = (
         copy_paste + mpl_student_loss(student, lu_s, _where(box, plain_l, pasted), semi.mpl, generator).loss
     )
@@ -275,7 +365,9 @@ def _semi_loss(
     guidance = mpl_student_loss(student, strong, merged, semi.mpl, generator).loss
     with torch.no_grad():
         student_labels = student(plain.local, plain.global_view, plain.box).global_logits.argmax(1)
-    pool.update(idx, hardness(student_labels, plain_l.global_, n_classes))
+    scores = hardness(student_labels, plain_l.global_, n_classes)
+    pool.update(idx, scores)
+    hardest.remember(plain, plain_l, scores)
     weight = semi.unlabelled_weight * rampup(progress, semi.rampup)
     loss = supervised + weight * (copy_paste + weight * guidance)
     stats = {
@@ -285,6 +377,7 @@ def _semi_loss(
         "unlabelled_weight": weight,
         "confident_fraction": float(plain_l.local_weight.mean()),
         "guidance_fraction": float(merged.local_weight.mean()),
+        "hardest": max(scores),
     }
     return loss, stats
 
@@ -323,7 +416,7 @@ def train_semi(
         teacher.load_state_dict(ckpt["teacher"])
     step, history = ckpt.get("step", 0), ckpt.get("history", [])
     best, elapsed = ckpt.get("best", {"dice_mean": -1.0}), ckpt.get("seconds", 0.0)
-    pool = ReliablePool(semi, ckpt.get("pool"))
+    pool, hardest = ReliablePool(semi, ckpt.get("pool")), HardestScan(ckpt.get("hardest"))
     generator = torch.Generator().manual_seed(cfg.seed)
     if ckpt:
         generator.set_state(ckpt["mask_generator"])
@@ -334,7 +427,7 @@ def train_semi(
     progress(step, "resumed" if step else "")
     while step < cfg.steps:
         loss, stats = _semi_loss(
-            student, teacher, sampler, pool, semi, step / cfg.steps, generator, run.device
+            student, teacher, sampler, pool, hardest, semi, step / cfg.steps, generator, run.device
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -365,6 +458,7 @@ def train_semi(
                 "best": best,
                 "history": history,
                 "pool": pool.state(),
+                "hardest": hardest.state(),
                 "seconds": seconds,
             }
             save_checkpoint(work / LAST, state)
