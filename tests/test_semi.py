@@ -78,7 +78,7 @@ def test_semi_beats_the_labelled_scans_alone_on_the_unlabelled_domains(
     before = {d: _dice(alone, cases, cfg.patch_size) for d, cases in held_out.items()}
     after = {d: _dice(semi, cases, cfg.patch_size) for d, cases in held_out.items()}
     shifted = [d for d in DOMAINS if d != "none"]
-    # measured with these settings: +4.0 points over the two noisier scanners, -1.7 on the labelled one
+    print(f"Dice per scanner, labelled only {before}, semi {after}")
     gain = np.mean([after[d] for d in shifted]) - np.mean([before[d] for d in shifted])
     assert gain >= 0.03, (before, after)
     assert after["none"] >= before["none"] - 0.03, (before, after)
