@@ -46,12 +46,14 @@ SOURCES = {
 TTASEG = str(ROOT / ".venv" / "bin" / "ttaseg")
 
 
-def _run(cmd: list[str]) -> str:
-    """Run a command from the repository root; its stdout, or exit with its error."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+def _run(cmd: list[str], log: Path) -> None:
+    """Run a command from the repository root, its output (progress lines) appended to ``log``; exit with the
+    log's end when it fails."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as out:
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return proc.stdout
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{log.read_text()[-3000:]}")
 
 
 def train_arm(arm: str, args: argparse.Namespace, prepared: Path, work: Path) -> dict:
@@ -86,7 +88,8 @@ def train_arm(arm: str, args: argparse.Namespace, prepared: Path, work: Path) ->
     if args.init == "shipped":
         cmd += ["--pretrained", str(ROOT / "bundles" / shipped / "weights.pt")]
     start = time.perf_counter()
-    _run(cmd)
+    print(f"{arm}: training, progress in {work / 'train.log'}", flush=True)
+    _run(cmd, work / "train.log")
     card = json.loads((bundle / "model_card.json").read_text())
     history = json.loads((work / "train" / "history.json").read_text())
     return {
@@ -116,7 +119,8 @@ def score_target(bundle: str, task: str, limit: int, out: Path) -> dict:
             str(limit),
             "--out",
             str(out),
-        ]
+        ],
+        out.with_suffix(".log"),
     )
     metrics = json.loads(out.read_text())["methods"]["none"]["metrics"]["mean"]
     return {
@@ -155,7 +159,8 @@ def main() -> None:
         src = DATA / "cardiac" / folder
         _run(
             [TTASEG, "prepare", "--images", str(src / "images"), "--labels", str(src / "labels")]
-            + ["--label-names", str(DATA / "cardiac" / "labels.json"), "--out", str(prepared)]
+            + ["--label-names", str(DATA / "cardiac" / "labels.json"), "--out", str(prepared)],
+            prepared.with_suffix(".log"),
         )
     report = {
         "source": args.source,
