@@ -47,6 +47,7 @@ def run_method(
     out: Path,
     overrides: dict,
     largest_component: str | None = None,
+    flips: list[int] | None = None,
 ) -> dict:
     """Adapt + segment in this process; returns seconds, peak RSS and per-scan signals."""
     from models.adaptation import AdaptConfig
@@ -72,6 +73,7 @@ def run_method(
         progress=progress,
         adapt_config=config,
         largest_component=largest_component,
+        flips=flips,
     )
     total = time.perf_counter() - start
     record = json.loads(results[0].json_path.read_text())
@@ -127,6 +129,15 @@ def main() -> None:
     )
     parser.add_argument("--config", default="{}", help='AdaptConfig overrides as JSON, e.g. {"lr": 1e-3}')
     parser.add_argument(
+        "--flips",
+        type=int,
+        nargs="*",
+        choices=[1, 2],
+        default=None,
+        help="flip-ensemble axes for every method's segmentation (1: y, 2: x; none given: no flips; "
+        "default: the bundle card's)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=None, help="JSON path (default benchmarks/results/<task>.json)"
     )
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "OUTDIR", "INPUTS_JSON"), help=argparse.SUPPRESS)
@@ -144,6 +155,7 @@ def main() -> None:
             out=Path(outdir),
             overrides=json.loads(args.config),
             largest_component=args.largest_component,
+            flips=args.flips,
         )
         print(json.dumps(run))
         return
@@ -156,6 +168,7 @@ def main() -> None:
         "task": args.task,
         "adapt_config_overrides": json.loads(args.config),
         "largest_component": args.largest_component or card.largest_component.value,
+        "test_time_flips": list(card.test_time_flips if args.flips is None else args.flips),
         "bundle": f"{card.name}:{card.version}",
         "batch_size": len(inputs),
         "labelled_scans": sorted(labelled & {case_name(p) for p in inputs}),
@@ -189,6 +202,8 @@ def main() -> None:
                 cmd[3:3] = ["--steps", str(args.steps)]
             if args.largest_component:
                 cmd += ["--largest-component", args.largest_component]
+            if args.flips is not None:
+                cmd += ["--flips", *map(str, args.flips)]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if proc.returncode:
                 raise SystemExit(f"{method} failed:\n{proc.stderr[-3000:]}")

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -58,6 +58,11 @@ class ModelCard(BaseModel):
     )
     largest_component: LargestComponent = Field(
         default=LargestComponent.off, description="connected-component clean-up of the predicted label maps"
+    )
+    test_time_flips: tuple[Literal[1, 2], ...] = Field(
+        default=(),
+        description="in-plane axes (1: y, 2: x) along which segmentation also predicts the mirrored scan and "
+        "averages (a flip ensemble); empty: one prediction",
     )
     weights_sha256: str = ""
     onnx_sha256: str = ""

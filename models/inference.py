@@ -10,7 +10,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from models.network import GlobalLocalUNet
-from models.sampling import box_of, global_view, pad_to_patch
+from models.sampling import box_of, global_view, mirror_views, pad_to_patch
 
 Predictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 OVERLAP = 0.25
@@ -52,6 +52,21 @@ def torch_predictor(net: GlobalLocalUNet) -> Predictor:
         return net(local.to(device), gview.to(device), box.to(device)).local_logits.float().cpu()
 
     return predict
+
+
+def flip_ensemble(predict: Predictor, flips: Sequence[int]) -> Predictor:
+    """``predict`` averaged with its logits of the views mirrored along each of ``flips`` (1: y, 2: x), mirrored
+    back: a flip ensemble of a network trained with flips, at the cost of one more call per axis."""
+    if not flips:
+        return predict
+
+    def ensemble(local: torch.Tensor, gview: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+        logits = predict(local, gview, box)
+        for axis in flips:
+            logits = logits + predict(*mirror_views(local, gview, box, axis)).flip(axis + 2)
+        return logits / (1 + len(flips))
+
+    return ensemble
 
 
 def predict_volume(

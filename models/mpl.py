@@ -21,7 +21,7 @@ from torch import nn
 from models.mpl_config import MplConfig
 from models.network import GlobalLocalUNet, cosine_consistency, crop_resize
 from models.postprocessing import LargestComponent, keep_largest_component
-from models.sampling import Views, block_mask
+from models.sampling import Views, block_mask, mirror_views
 
 
 @dataclass
@@ -86,13 +86,6 @@ def clean_pseudo_labels(
     return torch.where(inside, pseudo_local, torch.zeros_like(pseudo_local)), kept_global
 
 
-def _mirrored(local: torch.Tensor, gview: torch.Tensor, box: torch.Tensor, axis: int):
-    """The views mirrored along spatial ``axis``, with the patch's box mirrored inside the scan."""
-    flipped = box.clone()
-    flipped[:, axis], flipped[:, axis + 3] = 1 - box[:, axis + 3], 1 - box[:, axis]
-    return local.flip(axis + 2), gview.flip(axis + 2), flipped
-
-
 @torch.no_grad()
 def teacher_probabilities(
     teacher: GlobalLocalUNet,
@@ -107,7 +100,7 @@ def teacher_probabilities(
     out = teacher(local, gview, box)
     p_local, p_global = torch.softmax(out.local_logits, 1), torch.softmax(out.global_logits, 1)
     for axis in flips:
-        mirrored = teacher(*_mirrored(local, gview, box, axis))
+        mirrored = teacher(*mirror_views(local, gview, box, axis))
         p_local += torch.softmax(mirrored.local_logits, 1).flip(axis + 2)
         p_global += torch.softmax(mirrored.global_logits, 1).flip(axis + 2)
     if flips:

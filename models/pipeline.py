@@ -23,7 +23,7 @@ from models.guard import (
     implausible_change,
     structure_volumes,
 )
-from models.inference import onnx_predictor, onnx_session, predict_volume
+from models.inference import flip_ensemble, onnx_predictor, onnx_session, predict_volume
 from models.io import case_name, read_image, write_image
 from models.postprocessing import LargestComponent, foreground_connectedness, keep_largest_component
 from models.preprocessing import PreparedScan, label_image, prepare, probabilities_to_original
@@ -116,6 +116,7 @@ def segment_batch(
     guard_config: GuardConfig | None = None,
     uncertainty: bool = False,
     largest_component: LargestComponent | None = None,
+    flips: Sequence[int] | None = None,
 ) -> list[ScanResult]:
     """Adapt ``bundle`` to all ``inputs`` together, then segment each onto its own grid in ``out_dir``.
 
@@ -129,7 +130,8 @@ def segment_batch(
     ``uncertainty_file``).
 
     ``largest_component``: connected-component clean-up of the label maps (default: the model card's); unless
-    ``adapt_config`` says otherwise, ``mpl`` cleans its pseudo-labels up the same way.
+    ``adapt_config`` says otherwise, ``mpl`` cleans its pseudo-labels up the same way. ``flips``: the axes of
+    the flip ensemble that segments every scan, source and adapted model alike (default: the card's).
     """
     progress = progress or (lambda phase, pct: None)
     method = Method(method)
@@ -140,7 +142,8 @@ def segment_batch(
     largest_component, adapt_config = clean_up_settings(card, largest_component, adapt_config)
     scans = load_scans(inputs, bundle, case_names)
     patch = card.patch_size
-    source = onnx_predictor(onnx_session(bundle.onnx_path, device))
+    flips = card.test_time_flips if flips is None else tuple(flips)
+    source = flip_ensemble(onnx_predictor(onnx_session(bundle.onnx_path, device)), flips)
 
     adapted: AdaptResult | None = None
     predictor = source
@@ -157,8 +160,9 @@ def segment_batch(
                 cfg=adapt_config,
                 progress=lambda p: progress(Phase.ADAPTING, p),
             )
-            predictor = onnx_predictor(
-                onnx_session(export_onnx(adapted.net, patch, Path(tmp) / "a.onnx"), device)
+            predictor = flip_ensemble(
+                onnx_predictor(onnx_session(export_onnx(adapted.net, patch, Path(tmp) / "a.onnx"), device)),
+                flips,
             )
             if save_adapted:
                 save_adapted_bundle(bundle, adapted, [s.case for s in scans], save_adapted)
@@ -183,7 +187,7 @@ def segment_batch(
                 )
             )
             results[-1].seconds = round(time.perf_counter() - start, 3)
-            _write_json(results[-1], bundle, method, adapted)
+            _write_json(results[-1], bundle, method, adapted, flips)
             progress(Phase.SEGMENTING, 100.0 * (i + 1) / len(scans))
     return results
 
@@ -251,11 +255,14 @@ def _segment_one(
     )
 
 
-def _write_json(result: ScanResult, bundle: Bundle, method: str, adapted: AdaptResult | None) -> None:
+def _write_json(
+    result: ScanResult, bundle: Bundle, method: str, adapted: AdaptResult | None, flips: Sequence[int]
+) -> None:
     record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
     record.update(
         model=bundle.ref,
         method=method,
+        test_time_flips=list(flips),
         steps_run=adapted.steps_run if adapted else 0,
         adaptation_seconds=round(adapted.seconds, 3) if adapted else 0.0,
         adaptation_stopped_early=adapted.stopped_early if adapted else False,

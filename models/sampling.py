@@ -128,3 +128,11 @@ def block_mask(
     keep = (torch.rand((b, 1, *grid), generator=generator) >= ratio).float()
     up = keep.repeat_interleave(block[0], 2).repeat_interleave(block[1], 3).repeat_interleave(block[2], 4)
     return up[:, :, : spatial[0], : spatial[1], : spatial[2]]
+
+
+def mirror_views(local: torch.Tensor, gview: torch.Tensor, box: torch.Tensor, axis: int):
+    """Views (B, C, z, y, x) mirrored along spatial ``axis`` (0: z, 1: y, 2: x), with the patch's box mirrored
+    inside the scan: the views of the same patch in the mirrored scan."""
+    flipped = box.clone()
+    flipped[:, axis], flipped[:, axis + 3] = 1 - box[:, axis + 3], 1 - box[:, axis]
+    return local.flip(axis + 2), gview.flip(axis + 2), flipped

@@ -46,6 +46,17 @@ def test_mpl_improves_over_source_on_shifted_domain(tiny_bundle, shifted, tmp_pa
     assert {"loss", "agreement", "teacher_entropy"} <= set(record["adaptation_signals"])
 
 
+def test_flip_ensemble_segments_every_scan_and_is_recorded(tiny_bundle, shifted, tmp_path):
+    inputs = [img for img, _ in shifted[:2]]
+    plain = segment_batch(inputs, tiny_bundle, tmp_path / "plain", method="none")
+    flipped = segment_batch(inputs, tiny_bundle, tmp_path / "flips", method="none", flips=[1, 2])
+    assert json.loads(plain[0].json_path.read_text())["test_time_flips"] == []  # the card's default
+    assert json.loads(flipped[0].json_path.read_text())["test_time_flips"] == [1, 2]
+    confidence = "mean_confidence_foreground"  # three predictions averaged: not the plain one's probabilities
+    assert flipped[0].quality[confidence] != plain[0].quality[confidence]
+    assert _dice(tmp_path / "flips", shifted[:2]) > 0.5
+
+
 def test_every_method_runs_and_never_reads_labels(tiny_bundle, shifted, tmp_path, monkeypatch):
     from models.pipeline import load_scans
 

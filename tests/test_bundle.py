@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from models.bundle import REPO_BUNDLES, BundleError, bundles_root, list_bundles, load_bundle, resolve_bundle
-from models.inference import onnx_session
+from models.inference import flip_ensemble, onnx_session, predict_volume, torch_predictor
 
 
 def test_card_describes_the_model(tiny_bundle):
@@ -36,6 +36,17 @@ def test_onnx_matches_pytorch(tiny_bundle):
         0
     ]
     assert np.abs(got - expected).max() < 1e-4
+
+
+def test_flip_ensemble_mirrors_back_what_it_mirrors(tiny_bundle):
+    predict, patch = torch_predictor(tiny_bundle.load_network().eval()), tiny_bundle.card.patch_size
+    half = np.random.default_rng(0).normal(size=(patch[0], patch[1], patch[2] // 2)).astype(np.float32)
+    scan = np.concatenate([half, half[:, :, ::-1]], axis=2)  # mirror-symmetric along x, one window
+    plain = predict_volume(scan, predict, patch)
+    assert np.abs(plain - plain[..., ::-1]).max() > 1e-3  # a network alone is not mirror-symmetric
+    both = predict_volume(scan, flip_ensemble(predict, [2]), patch)
+    assert np.abs(both - both[..., ::-1]).max() < 1e-5  # the ensemble is: its mirror views were mirrored back
+    assert flip_ensemble(predict, []) is predict
 
 
 def test_corrupted_weights_are_refused(tiny_bundle, tmp_path):
