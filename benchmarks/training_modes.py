@@ -121,7 +121,7 @@ def main() -> None:
         }
     )
     # every mode starts from the source bundle's weights
-    start = {
+    from_source = {
         "init_weights": bundle.path / "weights.pt",
         "device": args.device,
         "largest_component": card.largest_component,
@@ -162,7 +162,7 @@ def main() -> None:
             load_prepared(target_npz, card.target_spacing, card.normalisation),
             [],
             card.labels,
-            TrainRun(args.work / "uda", args.work / "uda-bundle", "cardiac-bssfp-lge-uda", **start),
+            TrainRun(args.work / "uda", args.work / "uda-bundle", "cardiac-bssfp-lge-uda", **from_source),
             cfg,
             uda,
             progress=lambda phase, step, status: print(f"uda {phase}: step {step} {status}", flush=True),
@@ -186,7 +186,7 @@ def main() -> None:
                 args.work / "federated",
                 args.work / "federated-bundle",
                 "cardiac-bssfp-lge-federated",
-                **start,
+                **from_source,
             ),
             cfg,
             fed,
