@@ -138,11 +138,7 @@ class HardestScan:
         j = int(np.argmax(scores))
         self.views = Views(*(t[j : j + 1].detach() for t in (views.local, views.global_view, views.box)))
         self.labels = PseudoLabels(
-            *(
-                t[j : j + 1].detach()
-                for t in (labels.local, labels.global_, labels.local_weight, labels.global_weight)
-            ),
-            labels.teacher_logits[j : j + 1].detach(),
+            *(getattr(labels, f.name)[j : j + 1].detach() for f in fields(PseudoLabels))
         )
 
     def mixed(
