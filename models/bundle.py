@@ -61,6 +61,7 @@ class ModelCard(BaseModel):
     )
     test_time_flips: tuple[Literal[1, 2], ...] = Field(
         default=(),
+        max_length=2,
         description="in-plane axes (1: y, 2: x) along which segmentation also predicts the mirrored scan and "
         "averages (a flip ensemble); empty: one prediction",
     )

@@ -10,8 +10,17 @@ import sys
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
-from models.bundle import REPO_BUNDLES, BundleError, bundles_root, list_bundles, load_bundle, resolve_bundle
+from models.bundle import (
+    REPO_BUNDLES,
+    BundleError,
+    ModelCard,
+    bundles_root,
+    list_bundles,
+    load_bundle,
+    resolve_bundle,
+)
 from models.inference import flip_ensemble, onnx_session, predict_volume, torch_predictor
 
 
@@ -47,6 +56,10 @@ def test_flip_ensemble_mirrors_back_what_it_mirrors(tiny_bundle):
     both = predict_volume(scan, flip_ensemble(predict, [2]), patch)
     assert np.abs(both - both[..., ::-1]).max() < 1e-5  # the ensemble is: its mirror views were mirrored back
     assert flip_ensemble(predict, []) is predict
+    card = tiny_bundle.card.model_dump()
+    for wrong in ([1, 2, 1], [0], [3]):  # in-plane axes only, at most two of them
+        with pytest.raises(ValidationError, match="test_time_flips"):
+            ModelCard.model_validate({**card, "test_time_flips": wrong})
 
 
 def test_corrupted_weights_are_refused(tiny_bundle, tmp_path):
