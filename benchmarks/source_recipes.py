@@ -20,23 +20,14 @@ import time
 from pathlib import Path
 
 from benchmarks.common import DATA, RESULTS, ROOT, command, machine, write_json
+from trainer.config import Plan
 
-PLAN_2D = {
-    "patch_size": [1, 128, 128],
-    "batch_size": 16,
-    "network": {
-        "channels": [16, 32, 64, 128, 256],
-        "kernels": [[1, 3, 3]] * 5,
-        "strides": [[1, 1, 1]] + [[1, 2, 2]] * 4,
-        "spatial_dims": 2,
-    },
-}
 ARMS = {
-    # name: TrainConfig fields over the trainer's defaults (the 3D global-local plan, GIN augmentation)
-    "3d-gin": {},
-    "3d-gin-ls": {"location_scale_prob": 0.5},
-    "2d-gin": PLAN_2D,
-    "2d-gin-ls": {**PLAN_2D, "location_scale_prob": 0.5},
+    # name: (network plan, TrainConfig fields over the trainer's defaults: GIN augmentation)
+    "3d-gin": (Plan.VOLUMETRIC, {}),
+    "3d-gin-ls": (Plan.VOLUMETRIC, {"location_scale_prob": 0.5}),
+    "2d-gin": (Plan.SLICE, {}),
+    "2d-gin-ls": (Plan.SLICE, {"location_scale_prob": 0.5}),
 }
 SOURCES = {
     # name: (labelled source folder, held-out cases, shipped bundle, target task scored without adaptation)
@@ -59,7 +50,8 @@ def _run(cmd: list[str], log: Path) -> None:
 def train_arm(arm: str, args: argparse.Namespace, prepared: Path, work: Path) -> dict:
     """Train one arm (resuming from its work folder); its command, seconds, validation and history."""
     _, held_out, shipped, _ = SOURCES[args.source]
-    overrides = {**ARMS[arm], "steps": args.steps, "val_every": args.val_every}
+    plan, fields = ARMS[arm]
+    overrides = {**fields, "steps": args.steps, "val_every": args.val_every}
     if args.lr is not None:
         overrides["lr"] = args.lr
     bundle = work / "bundle"
@@ -70,6 +62,8 @@ def train_arm(arm: str, args: argparse.Namespace, prepared: Path, work: Path) ->
         str(prepared),
         "--label-names",
         str(DATA / "cardiac" / "labels.json"),
+        "--plan",
+        plan,
         "--name",
         f"recipe-{arm}",
         "--out",

@@ -21,6 +21,7 @@ import numpy as np
 
 from benchmarks.common import DATA, RESULTS, command, dice_per_scan, machine, write_json
 from models.postprocessing import LargestComponent
+from trainer.config import PLANS, Plan
 
 DOMAINS = {  # name: (images, labels)
     "ACDC": ("cardiac/acdc_cine/images", "cardiac/acdc_cine/labels"),
@@ -85,6 +86,8 @@ def main() -> None:
     parser.add_argument(
         "--batch-size", type=int, default=2, help="labelled and unlabelled scans per semi step"
     )
+    parser.add_argument("--plan", choices=[p.value for p in Plan], default=Plan.VOLUMETRIC.value)
+    parser.add_argument("--config", default=None, help="JSON object of further TrainConfig fields")
     parser.add_argument("--pool-limit", type=int, default=None, help="at most N unlabelled scans per domain")
     parser.add_argument("--score-limit", type=int, default=None, help="score at most N scans per domain")
     parser.add_argument("--work", type=Path, default=Path("runs/semi-benchmark"), help="checkpoints; resumes")
@@ -97,7 +100,14 @@ def main() -> None:
     from trainer.semi import train_semi
     from trainer.train import TrainRun, train_source
 
-    cfg = TrainConfig(steps=args.steps, val_every=max(1, min(250, args.steps)))
+    cfg = TrainConfig.model_validate(
+        {
+            **PLANS[Plan(args.plan)],
+            "steps": args.steps,
+            "val_every": max(1, min(250, args.steps)),
+            **(json.loads(args.config) if args.config else {}),
+        }
+    )
     names = {int(k): v for k, v in json.loads((DATA / "cardiac/labels.json").read_text()).items()}
     grid = {"spacing": cfg.target_spacing, "normalisation": cfg.normalisation}
     labelled_files, pool_files = _split(args.pool_limit)
@@ -140,6 +150,7 @@ def main() -> None:
     report = {
         "labelled": [p.name for p in labelled_files],
         "unlabelled": {d: [p.name for p in files] for d, files in pool_files.items()},
+        "config": cfg.model_dump(mode="json"),
         "machine": machine(),
         "command": command("benchmarks.training_semi"),
         "runs": {

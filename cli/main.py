@@ -16,7 +16,7 @@ from rich.table import Table
 from cli.progress import ProgressReport
 from models.postprocessing import LargestComponent
 from models.terms import Method, Phase, TrainMode
-from trainer.config import PRETRAIN_STEPS, FederatedConfig, TrainConfig, UdaConfig
+from trainer.config import PLANS, PRETRAIN_STEPS, FederatedConfig, Plan, TrainConfig, UdaConfig
 
 if TYPE_CHECKING:
     from trainer.train import TrainRun
@@ -185,8 +185,13 @@ def train(
         "runs/train"
     ),
     steps: Annotated[int, typer.Option(help="training steps")] = TRAIN.steps,
-    batch_size: Annotated[int, typer.Option(help="scans per step")] = TRAIN.batch_size,
+    batch_size: Annotated[
+        int | None, typer.Option(help="scans (2d: slices) per step; default: the plan's", show_default=False)
+    ] = None,
     lr: Annotated[float, typer.Option(help="peak learning rate of the one-cycle schedule")] = TRAIN.lr,
+    plan: Annotated[
+        Plan, typer.Option(help="network plan: 3d, the anisotropic global-local U-Net; 2d, slice-wise")
+    ] = Plan.VOLUMETRIC,
     val_cases: Annotated[
         int,
         typer.Option(
@@ -266,8 +271,9 @@ def train(
     from trainer.train import TrainRun, train_source
 
     options = {
+        **PLANS[plan],
         "steps": steps,
-        "batch_size": batch_size,
+        **({"batch_size": batch_size} if batch_size else {}),
         "lr": lr,
         "val_every": val_every,
         "seed": seed,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from models.network_config import NetworkConfig
 from models.phantom import PHANTOM_LABELS
 from models.sampling import make_views
 from trainer.augment import RandLocationScaled
+from trainer.config import PLANS, Plan
 from trainer.data import labelled_pairs, load_case
 from trainer.train import TrainRun, train_source
 
@@ -105,3 +108,19 @@ def test_train_config_overrides_are_checked(phantom_dir, tmp_path):
     )
     assert result.exit_code == 2 and "--config" in result.output
     assert not (tmp_path / "b").exists()
+
+
+def test_train_takes_the_slice_wise_plan_by_name(phantom_dir, tmp_path):
+    names = tmp_path / "labels.json"
+    names.write_text(json.dumps({str(k): v for k, v in PHANTOM_LABELS.items()}))
+    result = CliRunner().invoke(
+        app,
+        ["train", "--images", str(phantom_dir / "images"), "--labels", str(phantom_dir / "labels")]
+        + ["--label-names", str(names), "--plan", "2d", "--batch-size", "4"]
+        + ["--steps", "2", "--val-cases", "0", "--out", str(tmp_path / "b"), "--work", str(tmp_path / "w")],
+    )
+    assert result.exit_code == 0, result.output
+    card = load_bundle(tmp_path / "b").card
+    assert card.network.spatial_dims == 2 and card.network.channels == PLANS[Plan.SLICE]["network"].channels
+    assert card.patch_size == (1, 128, 128)
+    assert card.training["config"]["batch_size"] == 4  # the option overrides the plan's 16

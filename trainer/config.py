@@ -3,6 +3,8 @@ defaults from here."""
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from pydantic import BaseModel
 
 from models.mpl_config import MplConfig
@@ -36,6 +38,28 @@ class TrainConfig(BaseModel):
     location_scale_prob: float = 0.0
     seed: int = 0
     workers: int = 0
+
+
+class Plan(StrEnum):
+    """A network plan: the patch, batch and network that travel together into a card."""
+
+    VOLUMETRIC = "3d"  # the anisotropic 3D global-local U-Net (TrainConfig's defaults)
+    SLICE = "2d"  # a slice-wise 2D U-Net with wider channels; about 5x cheaper a step on CPU
+
+
+PLANS: dict[Plan, dict] = {  # TrainConfig fields of each plan over the defaults
+    Plan.VOLUMETRIC: {},
+    Plan.SLICE: {
+        "patch_size": (1, 128, 128),
+        "batch_size": 16,
+        "network": NetworkConfig(
+            channels=(16, 32, 64, 128, 256),
+            kernels=((1, 3, 3),) * 5,
+            strides=((1, 1, 1),) + ((1, 2, 2),) * 4,
+            spatial_dims=2,
+        ),
+    },
+}
 
 
 class UdaConfig(BaseModel):

@@ -435,7 +435,7 @@ def train_semi(
             seconds = round(elapsed + time.perf_counter() - start, 1)
             entry = {
                 "step": step,
-                "loss": float(loss),
+                "loss": loss.item(),
                 **stats,
                 "reliable": len(pool.members),
                 "seconds": seconds,
@@ -459,7 +459,7 @@ def train_semi(
             }
             save_checkpoint(work / LAST, state)
             (work / HISTORY).write_text(json.dumps(history, indent=2))
-        status = f"loss {float(loss):.3f}, {len(pool.members)} reliable"
+        status = f"loss {loss.item():.3f}, {len(pool.members)} reliable"
         progress(step, status + (f", best Dice {best['dice_mean']:.3f}" if val_cases else ""))
     teacher.cpu()
     if val_cases:

@@ -248,7 +248,7 @@ def train_source(
         sched.step()
         step += 1
         if step % cfg.val_every == 0 or step == cfg.steps:
-            entry = {"step": step, "seconds": round(time.perf_counter() - start, 1), "loss": float(loss)}
+            entry = {"step": step, "seconds": round(time.perf_counter() - start, 1), "loss": loss.item()}
             if val_cases:
                 entry |= validate(net, val_cases, cfg.patch_size, len(labels))
                 if entry["dice_mean"] > best["dice_mean"]:
@@ -261,7 +261,7 @@ def train_source(
                 work / LAST, {**state, "step": step, "best": best, "history": history, "seconds": seconds}
             )
             (work / HISTORY).write_text(json.dumps(history, indent=2))
-        status = f"loss {float(loss):.3f}" + (f", best Dice {best['dice_mean']:.3f}" if val_cases else "")
+        status = f"loss {loss.item():.3f}" + (f", best Dice {best['dice_mean']:.3f}" if val_cases else "")
         progress(step, status)
     net.cpu()
     if val_cases:
@@ -337,6 +337,6 @@ def pretrain_mae(
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             state = {"net": net.state_dict(), "opt": opt.state_dict(), "mask_generator": gen.get_state()}
             save_checkpoint(work / MAE_LAST, {**state, "step": step})
-        progress(step, f"loss {float(loss):.4f}")
+        progress(step, f"loss {loss.item():.4f}")
     save_checkpoint(work / MAE_WEIGHTS, net.state_dict())
     return work / MAE_WEIGHTS
