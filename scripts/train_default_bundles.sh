@@ -6,15 +6,18 @@
 # augmentation, validation every 250 steps, best held-out Dice kept); their cards keep the largest connected
 # object of the label maps (the heart). The scans are prepared once into an .npz
 # (`ttaseg prepare`), which also lets the training run on a GPU machine without the source files.
-# The committed bundles were trained on one H100, both side by side (about 11 min each; see their cards).
-# Usage: [DEVICE=cuda] [WORKERS=7] scripts/train_default_bundles.sh [bssfp|acdc|all]
+# The committed bundles were trained on one H100, both side by side (about 11 min each; see their cards). On CPU
+# a step of this 3D plan takes about 20 s on 2 cores, so the same recipe needs about a day there; a killed run
+# resumes from runs/train-NAME when the script is run again.
+# Usage: [DEVICE=cuda|cpu] [WORKERS=N] scripts/train_default_bundles.sh [bssfp|acdc|all]
+#   DEVICE defaults to cuda when torch sees a GPU, else cpu; WORKERS (batch-preparing processes) to the cores - 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${TTASEG_DATA:-../shared/data}
 WHICH=${1:-all}
-DEVICE=${DEVICE:-cuda}
-WORKERS=${WORKERS:-7}
 TTASEG=.venv/bin/ttaseg
+DEVICE=${DEVICE:-$(.venv/bin/python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")}
+WORKERS=${WORKERS:-$(($(nproc) - 1))}
 LABELS="$DATA/cardiac/labels.json"
 
 # train NAME DOMAIN VAL_CASES
