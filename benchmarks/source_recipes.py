@@ -28,6 +28,8 @@ ARMS = {
     "3d-gin-ls": (Plan.VOLUMETRIC, {"location_scale_prob": 0.5}),
     "2d-gin": (Plan.SLICE, {}),
     "2d-gin-ls": (Plan.SLICE, {"location_scale_prob": 0.5}),
+    # the scans' own slices: no slice interpolated (benchmarks.grid_ceiling)
+    "2d-gin-ls-own": (Plan.SLICE, {"location_scale_prob": 0.5, "target_spacing": (1.8, 1.8, 0.0)}),
 }
 SOURCES = {
     # name: (labelled source folder, held-out cases, shipped bundle, target task scored without adaptation)
@@ -47,10 +49,29 @@ def _run(cmd: list[str], log: Path) -> None:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{log.read_text()[-3000:]}")
 
 
-def train_arm(arm: str, args: argparse.Namespace, prepared: Path, work: Path) -> dict:
+def prepared_data(args: argparse.Namespace, fields: dict) -> Path:
+    """The source's labelled scans prepared once for the arm's grid (``ttaseg prepare``)."""
+    folder = SOURCES[args.source][0]
+    grid = {k: fields[k] for k in ("target_spacing", "normalisation") if k in fields}
+    suffix = "-" + "-".join(f"{s:g}" for s in grid["target_spacing"]) if "target_spacing" in grid else ""
+    prepared = args.work / "data" / f"{folder}{suffix}.npz"
+    if not prepared.exists():
+        prepared.parent.mkdir(parents=True, exist_ok=True)
+        src = DATA / "cardiac" / folder
+        _run(
+            [TTASEG, "prepare", "--images", str(src / "images"), "--labels", str(src / "labels")]
+            + ["--label-names", str(DATA / "cardiac" / "labels.json"), "--out", str(prepared)]
+            + ["--config", json.dumps(grid)],
+            prepared.with_suffix(".log"),
+        )
+    return prepared
+
+
+def train_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
     """Train one arm (resuming from its work folder); its command, seconds, validation and history."""
     _, held_out, shipped, _ = SOURCES[args.source]
     plan, fields = ARMS[arm]
+    prepared = prepared_data(args, fields)
     overrides = {**fields, "steps": args.steps, "val_every": args.val_every}
     if args.lr is not None:
         overrides["lr"] = args.lr
@@ -145,17 +166,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    folder, _, _, task = SOURCES[args.source]
+    task = SOURCES[args.source][3]
     work = args.work / f"{args.source}-{args.init}-{args.steps}"
-    prepared = args.work / "data" / f"{folder}.npz"
-    if not prepared.exists():
-        prepared.parent.mkdir(parents=True, exist_ok=True)
-        src = DATA / "cardiac" / folder
-        _run(
-            [TTASEG, "prepare", "--images", str(src / "images"), "--labels", str(src / "labels")]
-            + ["--label-names", str(DATA / "cardiac" / "labels.json"), "--out", str(prepared)],
-            prepared.with_suffix(".log"),
-        )
     report = {
         "source": args.source,
         "init": args.init,
@@ -168,7 +180,7 @@ def main() -> None:
     print(f"{'arm':<12} {'train s':>8} {'in-domain':>10} {task + ' none':>16}")
     for arm in args.arms:
         arm_work = work / arm
-        run = train_arm(arm, args, prepared, arm_work)
+        run = train_arm(arm, args, arm_work)
         run["target"] = score_target(run["bundle"], task, args.limit, arm_work / "target.json")
         report["arms"][arm] = run
         write_json(out, report)

@@ -157,14 +157,21 @@ def prepare(
     label_names: Annotated[
         Path | None, typer.Option(help="labels.json; without it the scans are prepared unlabelled")
     ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(
+            help="the JSON object `train --config` will take; its target_spacing and normalisation count"
+        ),
+    ] = None,
 ) -> None:
     """Resample and normalise scans for training once, into one file that `train --images` reads anywhere."""
     from trainer.data import load_cases, save_prepared
 
     names = _labels_file(label_names) if label_names else None
-    cases = load_cases(images, labels, names, TRAIN.target_spacing, TRAIN.normalisation)
+    grid = _train_config({}, config)
+    cases = load_cases(images, labels, names, grid.target_spacing, grid.normalisation)
     console.print(
-        f"wrote {save_prepared(cases, out, TRAIN.target_spacing, TRAIN.normalisation)} ({len(cases)} scans)"
+        f"wrote {save_prepared(cases, out, grid.target_spacing, grid.normalisation)} ({len(cases)} scans)"
     )
 
 
@@ -432,7 +439,7 @@ def record_volumes(
     ]
     if not wanted or len(cases) != len(wanted):
         raise typer.BadParameter(f"{images} holds {len(cases)} of the card's {len(wanted)} training cases")
-    ranges = source_volume_ranges(cases, card.labels, card.target_spacing)
+    ranges = source_volume_ranges(cases, card.labels)
     write_card(card.model_copy(update={"label_volumes_ml": ranges}), found.path)
     for name, (lo, hi) in ranges.items():
         console.print(f"{name}: {lo:.1f} - {hi:.1f} mL")

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, ValidationError
 from models.checksums import sha256_file
 from models.network_config import NetworkConfig
 from models.postprocessing import LargestComponent
-from models.preprocessing import Normalisation
+from models.preprocessing import Normalisation, Spacing
 
 if TYPE_CHECKING:
     import torch
@@ -45,7 +45,7 @@ class ModelCard(BaseModel):
     description: str = ""
     labels: dict[int, str]
     modality: str = "MR"
-    target_spacing: tuple[float, float, float] = Field(description="x, y, z in mm")
+    target_spacing: Spacing = Field(description="x, y, z in mm; 0 keeps each scan's own spacing on that axis")
     patch_size: tuple[int, int, int] = Field(description="z, y, x in voxels")
     normalisation: Normalisation = Normalisation()
     network: NetworkConfig = NetworkConfig()

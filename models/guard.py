@@ -24,9 +24,10 @@ def structure_volumes(labels: np.ndarray, names: dict[int, str], voxel_ml: float
     return {names[k]: round(float(counts[k]) * voxel_ml, 3) for k in sorted(names) if k != 0}
 
 
-def volume_ranges(label_maps: Iterable[np.ndarray], names: dict[int, str], voxel_ml: float) -> VolumeRanges:
-    """(smallest, largest) volume in mL of every structure over a set of label maps, e.g. the source labels."""
-    per_map = [structure_volumes(labels, names, voxel_ml) for labels in label_maps]
+def volume_ranges(label_maps: Iterable[tuple[np.ndarray, float]], names: dict[int, str]) -> VolumeRanges:
+    """(smallest, largest) volume in mL of every structure over label maps, each with the volume of its voxels
+    (e.g. the source labels)."""
+    per_map = [structure_volumes(labels, names, voxel_ml) for labels, voxel_ml in label_maps]
     if not per_map:
         return {}
     return {name: (min(v[name] for v in per_map), max(v[name] for v in per_map)) for name in per_map[0]}

@@ -1,7 +1,8 @@
 """From a scan on its own grid to the network's grid and back, exactly.
 
 Arrays are (z, y, x) as SimpleITK returns them. The model grid keeps the scan's origin and direction and changes
-only the spacing, so the inverse is a resampling onto the original image's grid.
+only the spacing, so the inverse is a resampling onto the original image's grid. A target spacing of 0 on an axis
+keeps each scan's own spacing there (a slice-wise plan that never interpolates between slices).
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
-from pydantic import BaseModel
+from pydantic import BaseModel, NonNegativeFloat
+
+# x, y, z in mm; 0 on an axis keeps each scan's own spacing on it
+Spacing = tuple[NonNegativeFloat, NonNegativeFloat, NonNegativeFloat]
 
 
 class Normalisation(BaseModel):
@@ -48,11 +52,18 @@ class PreparedScan:
         """Volume of one voxel of the original grid in millilitres."""
         return float(np.prod(self.original.GetSpacing())) / 1000.0
 
+    @property
+    def model_voxel_ml(self) -> float:
+        """Volume of one voxel of the model grid in millilitres."""
+        return float(np.prod(self.reference.GetSpacing())) / 1000.0
+
 
 def model_grid(image: sitk.Image, target_spacing: Sequence[float]) -> sitk.Image:
-    """An empty image with the scan's origin and direction and the target spacing, covering the same extent."""
+    """An empty image with the scan's origin and direction and the target spacing (the scan's own on axes where it
+    is 0), covering the same extent."""
     spacing = np.asarray(image.GetSpacing(), dtype=float)
     target = np.asarray(target_spacing, dtype=float)
+    target = np.where(target > 0, target, spacing)
     size = np.maximum(1, np.round(np.asarray(image.GetSize()) * spacing / target)).astype(int)
     ref = sitk.Image([int(s) for s in size], sitk.sitkFloat32)
     ref.SetSpacing([float(t) for t in target])

@@ -36,7 +36,8 @@ def _scan(seed: int, domain: str, labelled: bool = True) -> TrainingCase:
     if domain == "noisier":
         array = array + np.random.default_rng(seed + 7).normal(0, 0.1, array.shape).astype(np.float32)
     lab = sitk.GetArrayFromImage(labels).astype(np.int64)
-    return TrainingCase(f"{domain}{seed}", Normalisation().apply(array), lab if labelled else None)
+    voxel_ml = float(np.prod(image.GetSpacing())) / 1000
+    return TrainingCase(f"{domain}{seed}", Normalisation().apply(array), lab if labelled else None, voxel_ml)
 
 
 def _labelled(phantom_dir, cfg) -> list[TrainingCase]:

@@ -80,7 +80,7 @@ class SealedCase(TrainingCase):
 
 def test_uda_pretrains_resumes_and_never_reads_target_labels(phantom_dir, target_dir, cfg, tmp_path):
     source = _cases(phantom_dir, cfg)
-    target = [SealedCase(c.case, c.image, None) for c in _cases(target_dir, cfg, labelled=False)]
+    target = [SealedCase(c.case, c.image, None, c.voxel_ml) for c in _cases(target_dir, cfg, labelled=False)]
     run = (
         TrainRun(tmp_path / "w", tmp_path / "b", "u"),
         cfg.model_copy(update={"steps": 4, "val_every": 2, "checkpoint_every": 1}),

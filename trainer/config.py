@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from models.mpl_config import MplConfig
 from models.network_config import NetworkConfig
-from models.preprocessing import Normalisation
+from models.preprocessing import Normalisation, Spacing
 
 PRETRAIN_STEPS = 500  # the shipped masked-autoencoder pretraining length
 
@@ -17,7 +17,7 @@ PRETRAIN_STEPS = 500  # the shipped masked-autoencoder pretraining length
 class TrainConfig(BaseModel):
     """Hyper-parameters of source training and pretraining; the defaults are the shipped settings."""
 
-    target_spacing: tuple[float, float, float] = (1.8, 1.8, 8.0)
+    target_spacing: Spacing = (1.8, 1.8, 8.0)
     patch_size: tuple[int, int, int] = (16, 112, 112)
     network: NetworkConfig = NetworkConfig(channels=(12, 24, 48, 96))
     normalisation: Normalisation = Normalisation()

@@ -18,11 +18,13 @@ from models.preprocessing import Normalisation, labels_to_model_grid, prepare
 
 @dataclass
 class TrainingCase:
-    """A scan resampled and normalised on the model grid, with its label array (None when unlabelled)."""
+    """A scan resampled and normalised on the model grid, with its label array (None when unlabelled) and the
+    volume of one of its voxels (mL; per scan when the grid keeps the scans' own slice spacing)."""
 
     case: str
     image: np.ndarray
     labels: np.ndarray | None
+    voxel_ml: float
 
 
 def image_files(folder: str | Path) -> list[Path]:
@@ -59,7 +61,7 @@ def load_case(
     """Prepare one case; label maps must share the image's grid and hold only known labels."""
     scan = prepare(read_image(image), case_name(image), spacing, normalisation)
     if label is None:
-        return TrainingCase(scan.case, scan.array, None)
+        return TrainingCase(scan.case, scan.array, None, scan.model_voxel_ml)
     lab_img = sitk.ReadImage(str(label))
     if lab_img.GetSize() != scan.original.GetSize():
         raise ValueError(
@@ -69,7 +71,7 @@ def load_case(
     arr = labels_to_model_grid(lab_img, scan)
     if n_classes is not None and arr.max() >= n_classes:
         raise ValueError(f"{label.name}: label {int(arr.max())} outside 0..{n_classes - 1}")
-    return TrainingCase(scan.case, scan.array, arr)
+    return TrainingCase(scan.case, scan.array, arr, scan.model_voxel_ml)
 
 
 def load_cases(
@@ -102,6 +104,7 @@ def save_prepared(
         "cases": [c.case for c in cases],
         "labelled": [c.labels is not None for c in cases],
         "ranges": ranges,
+        "voxel_ml": [c.voxel_ml for c in cases],
         "target_spacing": [float(s) for s in spacing],
         "normalisation": normalisation.model_dump(mode="json"),
     }
@@ -128,21 +131,22 @@ def load_prepared(
                 f"{path} was prepared for spacing {meta['target_spacing']} and {meta['normalisation']}; "
                 f"training needs {list(spacing)} and {normalisation.model_dump(mode='json')}"
             )
+        # files prepared before per-scan voxel volumes were kept have one fixed grid
+        fixed = float(np.prod(meta["target_spacing"])) / 1000.0
+        voxels = meta.get("voxel_ml", [fixed] * len(meta["cases"]))
         return [
             TrainingCase(
                 case,
                 data[f"image_{i}"].astype(np.float32) * np.float32(max(hi - lo, 1e-6) / 255) + np.float32(lo),
                 data[f"labels_{i}"].astype(np.int64) if labelled else None,
+                voxel_ml,
             )
-            for i, (case, labelled, (lo, hi)) in enumerate(
-                zip(meta["cases"], meta["labelled"], meta["ranges"], strict=True)
+            for i, (case, labelled, (lo, hi), voxel_ml) in enumerate(
+                zip(meta["cases"], meta["labelled"], meta["ranges"], voxels, strict=True)
             )
         ]
 
 
-def source_volume_ranges(
-    cases: Sequence[TrainingCase], names: dict[int, str], spacing: Sequence[float]
-) -> VolumeRanges:
+def source_volume_ranges(cases: Sequence[TrainingCase], names: dict[int, str]) -> VolumeRanges:
     """Smallest and largest volume (mL, model grid) of each structure over the labelled cases, for the card."""
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    return volume_ranges([c.labels for c in cases if c.labels is not None], names, voxel_ml)
+    return volume_ranges([(c.labels, c.voxel_ml) for c in cases if c.labels is not None], names)

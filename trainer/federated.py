@@ -179,7 +179,7 @@ def run_client(work: Path, site_index: int) -> None:
     if site.labelled:
         facts |= {
             "cases": json.dumps([c.case for c in cases]),
-            "label_volumes_ml": json.dumps(source_volume_ranges(cases, spec.labels, cfg.target_spacing)),
+            "label_volumes_ml": json.dumps(source_volume_ranges(cases, spec.labels)),
         }
     net = _network(spec).to(spec.device)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)

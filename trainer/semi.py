@@ -471,7 +471,7 @@ def train_semi(
         teacher,
         cfg,
         labels,
-        source_volume_ranges(labelled, labels, cfg.target_spacing),
+        source_volume_ranges(labelled, labels),
         description=f"Trained on {len(labelled)} labelled and {len(unlabelled)} unlabelled scans (semi)",
         training={
             "mode": TrainMode.SEMI.value,

@@ -273,7 +273,7 @@ def train_source(
         net,
         cfg,
         labels,
-        source_volume_ranges(train_cases, labels, cfg.target_spacing),
+        source_volume_ranges(train_cases, labels),
         description=f"Source model trained on {len(train_cases)} labelled scans",
         training={
             "mode": TrainMode.SOURCE.value,

@@ -42,7 +42,7 @@ TARGET_RULE = "target labels never read: target scans are trained on unlabelled,
 
 def unlabelled(cases: Sequence[TrainingCase]) -> list[TrainingCase]:
     """The cases without their labels, so that no training step can read them."""
-    return [TrainingCase(c.case, c.image, None) for c in cases]
+    return [TrainingCase(c.case, c.image, None, c.voxel_ml) for c in cases]
 
 
 def mpl_weight_at(step: int, uda: UdaConfig) -> float:
@@ -148,7 +148,7 @@ def train_uda(
         teacher,
         cfg,
         labels,
-        source_volume_ranges(source_cases, labels, cfg.target_spacing),
+        source_volume_ranges(source_cases, labels),
         description=f"UDA model: {len(source_cases)} labelled source and {len(target)} unlabelled target scans",
         training={
             "mode": TrainMode.UDA.value,
