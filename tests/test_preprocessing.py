@@ -64,7 +64,9 @@ def test_a_zero_slice_spacing_keeps_every_scans_own_slices(data_dir, tmp_path):
         back = sitk.GetArrayFromImage(label_image(probabilities_to_original(one_hot, scan).argmax(0), image))
         ref = sitk.GetArrayFromImage(labels)
         for k in (1, 2, 3):  # only in-plane resampling (through 8 mm slices LGE's RV keeps 0.86)
-            assert 2 * np.logical_and(ref == k, back == k).sum() / ((ref == k).sum() + (back == k).sum()) > 0.95
+            assert (
+                2 * np.logical_and(ref == k, back == k).sum() / ((ref == k).sum() + (back == k).sum()) > 0.95
+            )
         cases.append(load_case(folder / f"images/{case}.nii.gz", folder / f"labels/{case}.nii.gz", **grid))
     assert cases[0].voxel_ml == pytest.approx(1.8 * 1.8 * 5.0 / 1000, rel=0.02)  # LGE: 5 mm slices
     assert cases[1].voxel_ml == pytest.approx(1.8 * 1.8 * 7.99 / 1000, rel=0.02)  # bSSFP: 8 mm slices
