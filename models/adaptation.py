@@ -38,7 +38,10 @@ class AdaptConfig(MplConfig):
 
     # a step is compute-bound (about 5 to 7 s on 2 CPU cores): 70 keeps 15 scans within 10 minutes there
     steps: int = 70
-    batch_size: int = 2
+    batch_size: int = 2  # views a step, one patch of a distinct scan each
+    # a slice-wise plan's views a step (one slice each, every scan once before any twice): its training batch,
+    # about the voxels of the volumetric plan's two patches
+    slice_batch_size: int = 16
     lr: float = 2e-3
     tent_lr: float = 1e-3
     norm_batches: int = 12
@@ -91,8 +94,13 @@ def _device(net: nn.Module) -> torch.device:
 
 
 def _random_views(volumes: Sequence[np.ndarray], patch, cfg: AdaptConfig, rng: np.random.Generator) -> Views:
-    """Global-local views of a random batch of distinct target volumes."""
-    idx = rng.choice(len(volumes), size=min(cfg.batch_size, len(volumes)), replace=False)
+    """Global-local views of a random batch of distinct target volumes; for a slice-wise plan (patches one slice
+    thick) ``slice_batch_size`` slices, the scans drawn in turns."""
+    if patch[0] == 1:
+        turns = -(-cfg.slice_batch_size // len(volumes))
+        idx = np.concatenate([rng.permutation(len(volumes)) for _ in range(turns)])[: cfg.slice_batch_size]
+    else:
+        idx = rng.choice(len(volumes), size=min(cfg.batch_size, len(volumes)), replace=False)
     return make_views([volumes[i] for i in idx], patch, rng)
 
 

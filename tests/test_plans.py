@@ -124,3 +124,15 @@ def test_train_takes_the_slice_wise_plan_by_name(phantom_dir, tmp_path):
     assert card.network.spatial_dims == 2 and card.network.channels == PLANS[Plan.SLICE]["network"].channels
     assert card.patch_size == (1, 128, 128)
     assert card.training["config"]["batch_size"] == 4  # the option overrides the plan's 16
+
+
+def test_test_time_adaptation_of_a_slice_wise_plan_sees_a_batch_of_slices_from_every_scan():
+    from models.adaptation import AdaptConfig, _random_views
+
+    volumes = [np.full((6, 40, 40), float(i), dtype=np.float32) for i in range(3)]  # scan i holds the value i
+    cfg = AdaptConfig(slice_batch_size=8)
+    views = _random_views(volumes, (1, 32, 32), cfg, np.random.default_rng(0))
+    scans = np.bincount([int(v[0, 0, 0, 0].item()) for v in views.local], minlength=3)
+    assert views.local.shape == (8, 1, 1, 32, 32) and sorted(scans) == [2, 3, 3]
+    volumetric = _random_views(volumes, (4, 32, 32), cfg, np.random.default_rng(0))
+    assert volumetric.local.shape[0] == cfg.batch_size
