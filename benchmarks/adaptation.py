@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -138,6 +139,14 @@ def main() -> None:
         "default: the bundle card's)",
     )
     parser.add_argument(
+        "--target-spacing",
+        type=float,
+        nargs=3,
+        metavar=("X", "Y", "Z"),
+        default=None,
+        help="segment on this model grid (mm; 0 keeps each scan's own spacing) in place of the card's",
+    )
+    parser.add_argument(
         "--out", type=Path, default=None, help="JSON path (default benchmarks/results/<task>.json)"
     )
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "OUTDIR", "INPUTS_JSON"), help=argparse.SUPPRESS)
@@ -160,16 +169,21 @@ def main() -> None:
         print(json.dumps(run))
         return
 
+    from models.bundle import write_card
     from models.io import case_name
 
     inputs, labelled = task_inputs(args.task, skip=args.skip, limit=args.limit)
-    card = task_bundle(args.task, bundle).card
+    found = task_bundle(args.task, bundle)
+    card = found.card
+    if args.target_spacing:
+        card = card.model_copy(update={"target_spacing": tuple(args.target_spacing)})
     report = {
         "task": args.task,
         "adapt_config_overrides": json.loads(args.config),
         "largest_component": args.largest_component or card.largest_component.value,
         "test_time_flips": list(card.test_time_flips if args.flips is None else args.flips),
         "bundle": f"{card.name}:{card.version}",
+        "target_spacing": list(card.target_spacing),
         "batch_size": len(inputs),
         "labelled_scans": sorted(labelled & {case_name(p) for p in inputs}),
         "machine": machine(),
@@ -177,6 +191,9 @@ def main() -> None:
         "methods": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
+        if args.target_spacing:  # the same weights on another grid: a copy of the bundle with that card
+            bundle = str(shutil.copytree(found.path, Path(tmp) / "bundle"))
+            write_card(card, Path(bundle))
         inputs_json = Path(tmp) / "inputs.json"
         inputs_json.write_text(json.dumps([str(p) for p in inputs]))
         for method in args.methods:
