@@ -176,7 +176,10 @@ def main() -> None:
         "command": command("benchmarks.source_recipes"),
         "arms": {},
     }
-    out = args.out or RESULTS / f"source-recipes-{args.source}-{args.init}-{args.steps}.json"
+    out = (
+        args.out
+        or RESULTS / f"source-recipes-{args.source}-{args.init}-{args.steps}-{'-'.join(args.arms)}.json"
+    )
     print(f"{'arm':<12} {'train s':>8} {'in-domain':>10} {task + ' none':>16}")
     for arm in args.arms:
         arm_work = work / arm
