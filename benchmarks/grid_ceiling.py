@@ -30,6 +30,7 @@ def round_trip_dice(image_path: Path, label_path: Path, spacing: tuple[float, fl
     """Mean Dice over structures of a scan's labels after a round trip through the model grid."""
     import SimpleITK as sitk
 
+    from models.guard import dice_agreement
     from models.io import read_image
     from models.preprocessing import (
         Normalisation,
@@ -45,11 +46,10 @@ def round_trip_dice(image_path: Path, label_path: Path, spacing: tuple[float, fl
     scan = prepare(image, image_path.name, spacing, Normalisation())
     on_grid = labels_to_model_grid(labels, scan)
     ref = sitk.GetArrayFromImage(labels)
-    classes = [int(k) for k in np.unique(ref) if k]
-    one_hot = np.stack([(on_grid == k).astype(np.float32) for k in range(max(classes) + 1)])
+    n_classes = int(ref.max()) + 1
+    one_hot = np.stack([(on_grid == k).astype(np.float32) for k in range(n_classes)])
     back = sitk.GetArrayFromImage(label_image(probabilities_to_original(one_hot, scan).argmax(0), image))
-    dice = [2 * np.sum((ref == k) & (back == k)) / (np.sum(ref == k) + np.sum(back == k)) for k in classes]
-    return round(float(np.mean(dice)), 4)
+    return round(dice_agreement(back, ref, n_classes), 4)
 
 
 def main() -> None:
