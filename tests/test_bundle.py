@@ -62,6 +62,22 @@ def test_flip_ensemble_mirrors_back_what_it_mirrors(tiny_bundle):
             ModelCard.model_validate({**card, "test_time_flips": wrong})
 
 
+def test_a_card_keeps_own_slices_with_a_zero_spacing_and_refuses_a_negative_one(tiny_bundle, tmp_path):
+    card = tiny_bundle.card.model_dump()
+    assert ModelCard.model_validate({**card, "target_spacing": [1.5, 1.5, 0]}).target_spacing == (
+        1.5,
+        1.5,
+        0.0,
+    )
+    with pytest.raises(ValidationError, match="target_spacing"):
+        ModelCard.model_validate({**card, "target_spacing": [1.5, -1.5, 3.0]})
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle.path, copy)
+    (copy / "model_card.json").write_text(json.dumps({**card, "target_spacing": [1.5, 1.5, -3.0]}))
+    with pytest.raises(BundleError, match="invalid model card"):
+        load_bundle(copy)
+
+
 def test_corrupted_weights_are_refused(tiny_bundle, tmp_path):
     copy = tmp_path / "b"
     shutil.copytree(tiny_bundle.path, copy)
