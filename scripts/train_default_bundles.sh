@@ -7,7 +7,7 @@
 # augmentation, the one-cycle schedule over STEPS steps of 16 slices, validation every 250 steps, best held-out
 # Dice kept; the cards keep the largest connected object of the label maps (the heart). The scans are prepared
 # once into an .npz (`ttaseg prepare`), which also lets the training run on another machine without the source
-# files. On one CPU thread a step takes about 4-5 s: the shipped 2000 steps take about 1.5 hours a bundle, both
+# files. On one CPU thread a step took about 2.6 s: the shipped 2000 steps took about 1.5 hours a bundle, both
 # bundles side by side on 2 cores; the validation Dice was still rising there (docs/img/dice_vs_training_hours.png),
 # so a larger STEPS buys more. A killed run resumes from runs/train-NAME when the script is run again.
 # Usage: [DEVICE=cuda|cpu] [WORKERS=N] [STEPS=N] scripts/train_default_bundles.sh [bssfp|acdc|all]
