@@ -20,16 +20,17 @@ import time
 from pathlib import Path
 
 from benchmarks.common import DATA, RESULTS, ROOT, command, machine, write_json
-from trainer.config import Plan
+from trainer.config import PLANS, Plan, TrainConfig
 
+EIGHT_MM, OWN_SLICES = (1.8, 1.8, 8.0), (1.8, 1.8, 0.0)
 ARMS = {
-    # name: (network plan, TrainConfig fields over the trainer's defaults: GIN augmentation)
-    "3d-gin": (Plan.VOLUMETRIC, {}),
+    # name: (network plan, TrainConfig fields over the plan's); every arm has GIN random convolutions
+    "3d-gin": (Plan.VOLUMETRIC, {"location_scale_prob": 0.0}),
     "3d-gin-ls": (Plan.VOLUMETRIC, {"location_scale_prob": 0.5}),
-    "2d-gin": (Plan.SLICE, {}),
-    "2d-gin-ls": (Plan.SLICE, {"location_scale_prob": 0.5}),
-    # the scans' own slices: no slice interpolated (benchmarks.grid_ceiling)
-    "2d-gin-ls-own": (Plan.SLICE, {"location_scale_prob": 0.5, "target_spacing": (1.8, 1.8, 0.0)}),
+    "2d-gin": (Plan.SLICE, {"location_scale_prob": 0.0, "target_spacing": EIGHT_MM}),
+    "2d-gin-ls": (Plan.SLICE, {"location_scale_prob": 0.5, "target_spacing": EIGHT_MM}),
+    # the scans' own slices: no slice interpolated (benchmarks.grid_ceiling); the trainer's defaults
+    "2d-gin-ls-own": (Plan.SLICE, {"location_scale_prob": 0.5, "target_spacing": OWN_SLICES}),
 }
 SOURCES = {
     # name: (labelled source folder, held-out cases, shipped bundle, target task scored without adaptation)
@@ -49,12 +50,13 @@ def _run(cmd: list[str], log: Path) -> None:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{log.read_text()[-3000:]}")
 
 
-def prepared_data(args: argparse.Namespace, fields: dict) -> Path:
+def prepared_data(args: argparse.Namespace, plan: Plan, fields: dict) -> Path:
     """The source's labelled scans prepared once for the arm's grid (``ttaseg prepare``)."""
     folder = SOURCES[args.source][0]
-    grid = {k: fields[k] for k in ("target_spacing", "normalisation") if k in fields}
-    suffix = "-" + "-".join(f"{s:g}" for s in grid["target_spacing"]) if "target_spacing" in grid else ""
-    prepared = args.work / "data" / f"{folder}{suffix}.npz"
+    cfg = TrainConfig.model_validate({**PLANS[plan], **fields})
+    grid = {"target_spacing": cfg.target_spacing, "normalisation": cfg.normalisation.model_dump(mode="json")}
+    suffix = "-".join(f"{s:g}" for s in cfg.target_spacing)
+    prepared = args.work / "data" / f"{folder}-{suffix}.npz"
     if not prepared.exists():
         prepared.parent.mkdir(parents=True, exist_ok=True)
         src = DATA / "cardiac" / folder
@@ -71,7 +73,7 @@ def train_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
     """Train one arm (resuming from its work folder); its command, seconds, validation and history."""
     _, held_out, shipped, _ = SOURCES[args.source]
     plan, fields = ARMS[arm]
-    prepared = prepared_data(args, fields)
+    prepared = prepared_data(args, plan, fields)
     overrides = {**fields, "steps": args.steps, "val_every": args.val_every}
     if args.lr is not None:
         overrides["lr"] = args.lr

@@ -75,6 +75,39 @@ def score(net, bundle, scans) -> dict:
     )
 
 
+def run_test_time(bundle, scans, scored_scans, args: argparse.Namespace) -> dict:
+    """Rows of the source bundle as shipped: no adaptation, and test-time ``mpl`` on the batch."""
+    from models.adaptation import AdaptConfig, adapt
+
+    net = bundle.load_network(args.device)
+    rows = {"test-time none": {**score(net, bundle, scored_scans), "seconds": 0.0}}
+    start = time.perf_counter()
+    adapted = adapt(
+        net,
+        [s.array for s in scans[: args.tta_limit]],
+        bundle.card.patch_size,
+        method=Method.MPL,
+        steps=args.tta_steps,
+        cfg=AdaptConfig().with_anatomy(bundle.card.largest_component),
+    )
+    rows["test-time mpl"] = {
+        **score(adapted.net, bundle, scored_scans),
+        "seconds": round(time.perf_counter() - start, 1),
+        "steps": adapted.steps_run,
+    }
+    return rows
+
+
+def test_time_rows(earlier: dict, report: dict) -> dict:
+    """The test-time rows of an earlier report, refused unless it scored the same bundle, batch and scans."""
+    same = ("bundle", "test_time_batch", "labelled_scans")
+    if any(earlier[k] != report[k] for k in same):
+        raise SystemExit(f"--test-time-from: not the same {', '.join(same)}")
+    return {
+        k: {**v, "from": earlier["command"]} for k, v in earlier["rows"].items() if k.startswith("test-time")
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -84,18 +117,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000, help="uda: joint training steps")
     parser.add_argument("--warmup-steps", type=int, default=0, help="uda: source-only steps first")
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument(
+        "--target-batch-size",
+        type=int,
+        default=UdaConfig().target_batch_size,
+        help="uda and federated: target views a step (slices for a 2D plan)",
+    )
     parser.add_argument("--rounds", type=int, default=20, help="federated: segmentation rounds")
     parser.add_argument("--local-steps", type=int, default=100, help="federated: steps per site per round")
     parser.add_argument("--tta-steps", type=int, default=None, help="test-time mpl steps (default: shipped)")
     parser.add_argument(
         "--tta-limit", type=int, default=15, help="test-time mpl: batch of N LGE scans, labelled first"
     )
+    parser.add_argument(
+        "--test-time-from",
+        type=Path,
+        default=None,
+        help="take the test-time rows from this earlier report of the same bundle and batch instead of rerunning",
+    )
     parser.add_argument("--config", default=None, help="JSON object of further TrainConfig fields")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=RESULTS / "training_modes.json")
     args = parser.parse_args()
 
-    from models.adaptation import AdaptConfig, adapt
     from models.pipeline import load_scans
     from trainer.data import load_prepared
     from trainer.federated import Site, train_federated
@@ -137,26 +181,15 @@ def main() -> None:
         "command": command("benchmarks.training_modes"),
         "rows": {},
     }
-    net = bundle.load_network(args.device)
-    report["rows"]["test-time none"] = {**score(net, bundle, scored_scans), "seconds": 0.0}
-    start = time.perf_counter()
-    shipped = AdaptConfig().with_anatomy(card.largest_component)
-    adapted = adapt(
-        net,
-        [s.array for s in scans[: args.tta_limit]],
-        card.patch_size,
-        method=Method.MPL,
-        steps=args.tta_steps,
-        cfg=shipped,
-    )
-    report["rows"]["test-time mpl"] = {
-        **score(adapted.net, bundle, scored_scans),
-        "seconds": round(time.perf_counter() - start, 1),
-        "steps": adapted.steps_run,
-    }
+    if args.test_time_from:
+        report["rows"] |= test_time_rows(json.loads(args.test_time_from.read_text()), report)
+    else:
+        report["rows"] |= run_test_time(bundle, scans, scored_scans, args)
     write_json(args.out, report)
     if TrainMode.UDA.value in args.modes:
-        uda = UdaConfig(pretrain_steps=0, warmup_steps=args.warmup_steps)
+        uda = UdaConfig(
+            pretrain_steps=0, warmup_steps=args.warmup_steps, target_batch_size=args.target_batch_size
+        )
         trained = train_uda(
             load_prepared(source_npz, card.target_spacing, card.normalisation),
             load_prepared(target_npz, card.target_spacing, card.normalisation),
@@ -174,7 +207,13 @@ def main() -> None:
         }
         write_json(args.out, report)
     if TrainMode.FEDERATED.value in args.modes:
-        fed = FederatedConfig(mae_rounds=0, rounds=args.rounds, warmup_rounds=0, local_steps=args.local_steps)
+        fed = FederatedConfig(
+            mae_rounds=0,
+            rounds=args.rounds,
+            warmup_rounds=0,
+            local_steps=args.local_steps,
+            target_batch_size=args.target_batch_size,
+        )
         sites = [
             Site(name="bssfp", images=str(source_npz), labelled=True),
             Site(name="lge", images=str(target_npz)),

@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument(
         "--batch-size", type=int, default=2, help="labelled and unlabelled scans per semi step"
     )
-    parser.add_argument("--plan", choices=[p.value for p in Plan], default=Plan.VOLUMETRIC.value)
+    parser.add_argument("--plan", choices=[p.value for p in Plan], default=Plan.SLICE.value)
     parser.add_argument("--config", default=None, help="JSON object of further TrainConfig fields")
     parser.add_argument("--pool-limit", type=int, default=None, help="at most N unlabelled scans per domain")
     parser.add_argument("--score-limit", type=int, default=None, help="score at most N scans per domain")

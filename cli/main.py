@@ -24,6 +24,13 @@ if TYPE_CHECKING:
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_show_locals=False)
 console = Console(stderr=True)
 TRAIN = TrainConfig()  # the shipped training settings: the defaults of `train` and `pretrain`
+PlanOption = Annotated[
+    Plan,
+    typer.Option(
+        help="network plan: 2d, slice-wise on each scan's own slices (the shipped recipe); 3d, the anisotropic "
+        "3D U-Net on 8 mm slices"
+    ),
+]
 UDA, FEDERATED = UdaConfig(), FederatedConfig()
 
 Bundles = Annotated[
@@ -163,12 +170,14 @@ def prepare(
             help="the JSON object `train --config` will take; its target_spacing and normalisation count"
         ),
     ] = None,
+    plan: PlanOption = Plan.SLICE,
 ) -> None:
-    """Resample and normalise scans for training once, into one file that `train --images` reads anywhere."""
+    """Resample and normalise scans for training once, on the grid of `train --plan` (and `--config`), into one
+    file that `train --images` reads anywhere."""
     from trainer.data import load_cases, save_prepared
 
     names = _labels_file(label_names) if label_names else None
-    grid = _train_config({}, config)
+    grid = _train_config(PLANS[plan], config)
     cases = load_cases(images, labels, names, grid.target_spacing, grid.normalisation)
     console.print(
         f"wrote {save_prepared(cases, out, grid.target_spacing, grid.normalisation)} ({len(cases)} scans)"
@@ -196,9 +205,7 @@ def train(
         int | None, typer.Option(help="scans (2d: slices) per step; default: the plan's", show_default=False)
     ] = None,
     lr: Annotated[float, typer.Option(help="peak learning rate of the one-cycle schedule")] = TRAIN.lr,
-    plan: Annotated[
-        Plan, typer.Option(help="network plan: 3d, the anisotropic global-local U-Net; 2d, slice-wise")
-    ] = Plan.VOLUMETRIC,
+    plan: PlanOption = Plan.SLICE,
     val_cases: Annotated[
         int,
         typer.Option(
@@ -381,12 +388,14 @@ def pretrain(
         int, typer.Option(help="processes preparing augmented batches (0: none)")
     ] = TRAIN.workers,
     seed: Annotated[int, typer.Option()] = TRAIN.seed,
+    plan: PlanOption = Plan.SLICE,
 ) -> None:
-    """3D masked-autoencoder pretraining (masked blocks of the local patch and the global view); resumable."""
+    """Masked-autoencoder pretraining (masked blocks of the local patch and the global view) of the network of
+    ``train --plan``; resumable."""
     from trainer.data import load_cases
     from trainer.train import pretrain_mae
 
-    cfg = TrainConfig(steps=steps, seed=seed, workers=workers)
+    cfg = TrainConfig.model_validate({**PLANS[plan], "steps": steps, "seed": seed, "workers": workers})
     cases = [c for d in folders for c in load_cases(d, None, None, cfg.target_spacing, cfg.normalisation)]
     with ProgressReport(console, {"pretraining": cfg.steps}, unit="steps") as report:
         weights = pretrain_mae(

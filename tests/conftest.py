@@ -48,6 +48,7 @@ def tiny_config() -> TrainConfig:
         val_every=75,
         mask_block=(2, 8, 8),
         random_convolution_prob=0.0,  # a source model that the phantoms' scanner shift can still fool
+        location_scale_prob=0.0,
     )
 
 

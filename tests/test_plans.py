@@ -17,7 +17,7 @@ from models.network_config import NetworkConfig
 from models.phantom import PHANTOM_LABELS
 from models.sampling import make_views
 from trainer.augment import RandLocationScaled
-from trainer.config import PLANS, Plan
+from trainer.config import PLANS, Plan, TrainConfig
 from trainer.data import labelled_pairs, load_case
 from trainer.train import TrainRun, train_source
 
@@ -110,20 +110,27 @@ def test_train_config_overrides_are_checked(phantom_dir, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-def test_train_takes_the_slice_wise_plan_by_name(phantom_dir, tmp_path):
+def test_train_defaults_to_the_slice_wise_plan_and_takes_the_3d_plan_by_name(phantom_dir, tmp_path):
     names = tmp_path / "labels.json"
     names.write_text(json.dumps({str(k): v for k, v in PHANTOM_LABELS.items()}))
-    result = CliRunner().invoke(
-        app,
-        ["train", "--images", str(phantom_dir / "images"), "--labels", str(phantom_dir / "labels")]
-        + ["--label-names", str(names), "--plan", "2d", "--batch-size", "4"]
-        + ["--steps", "2", "--val-cases", "0", "--out", str(tmp_path / "b"), "--work", str(tmp_path / "w")],
-    )
-    assert result.exit_code == 0, result.output
-    card = load_bundle(tmp_path / "b").card
-    assert card.network.spatial_dims == 2 and card.network.channels == PLANS[Plan.SLICE]["network"].channels
-    assert card.patch_size == (1, 128, 128)
-    assert card.training["config"]["batch_size"] == 4  # the option overrides the plan's 16
+    cards = {}
+    for plan in ([], ["--plan", "3d"]):
+        out = tmp_path / f"b{len(plan)}"
+        result = CliRunner().invoke(
+            app,
+            ["train", "--images", str(phantom_dir / "images"), "--labels", str(phantom_dir / "labels")]
+            + ["--label-names", str(names), *plan, "--batch-size", "2", "--steps", "2", "--val-cases", "0"]
+            + ["--out", str(out), "--work", str(tmp_path / f"w{len(plan)}")],
+        )
+        assert result.exit_code == 0, result.output
+        cards[plan[-1] if plan else "default"] = load_bundle(out).card
+    default, volumetric = cards["default"], cards["3d"]
+    assert default.network.spatial_dims == 2 and default.network.channels == TrainConfig().network.channels
+    assert default.patch_size == (1, 128, 128) and default.target_spacing == (1.8, 1.8, 0.0)
+    assert default.training["config"]["location_scale_prob"] == 0.5
+    assert default.training["config"]["batch_size"] == 2  # the option overrides the plan's 16
+    assert volumetric.network.spatial_dims == 3 and volumetric.patch_size == (16, 112, 112)
+    assert volumetric.target_spacing == PLANS[Plan.VOLUMETRIC]["target_spacing"] == (1.8, 1.8, 8.0)
 
 
 def test_test_time_adaptation_of_a_slice_wise_plan_sees_a_batch_of_slices_from_every_scan():

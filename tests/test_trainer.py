@@ -14,7 +14,7 @@ from cli.main import app
 from models.network import GlobalLocalUNet
 from models.phantom import PHANTOM_LABELS
 from models.sampling import block_mask, make_views
-from trainer.config import TrainConfig
+from trainer.config import PLANS, Plan, TrainConfig
 from trainer.data import labelled_pairs, load_case, load_prepared
 from trainer.train import TrainRun, pretrain_mae, train_source, view_batches
 
@@ -76,6 +76,9 @@ def test_training_resumes_from_its_checkpoint(phantom_dir, tiny_config, tmp_path
     steps = [h["step"] for h in json.loads((tmp_path / "w" / "history.json").read_text())]
     assert steps == [2, 4, 6]
     assert bundle.card.training["train_cases"] == [c.case for c in cases[:4]]
+    curve = bundle.card.training["curve"]  # held-out Dice against training seconds, across the resumption
+    assert [p["step"] for p in curve] == steps and curve[0]["seconds"] < curve[-1]["seconds"]
+    assert all(0 <= p["dice_mean"] <= 1 for p in curve)
 
 
 def test_without_validation_cases_the_bundle_keeps_the_last_weights(phantom_dir, tiny_config, tmp_path):
@@ -166,6 +169,18 @@ def test_prepared_dataset_keeps_scans_and_labels(phantom_dir, tmp_path):
         assert np.abs(original.image - restored.image).max() <= span / 510 + 1e-5
     with pytest.raises(ValueError, match="prepared for spacing"):
         load_prepared(out, (1.0, 1.0, 1.0), shipped.normalisation)
+
+
+def test_prepare_takes_the_grid_of_the_plan_named(phantom_dir, tmp_path):
+    out = tmp_path / "phantoms-3d.npz"
+    result = CliRunner().invoke(
+        app, ["prepare", "--images", str(phantom_dir / "images"), "--plan", "3d", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    volumetric = PLANS[Plan.VOLUMETRIC]["target_spacing"]
+    assert [c.labels for c in load_prepared(out, volumetric, TrainConfig().normalisation)] == [None] * 8
+    with pytest.raises(ValueError, match="prepared for spacing"):
+        load_prepared(out, TrainConfig().target_spacing, TrainConfig().normalisation)
 
 
 def test_data_loader_workers_draw_different_augmented_batches(phantom_dir, tiny_config):

@@ -243,7 +243,13 @@ class _Sampler:
         self.labelled, self.unlabelled, self.cfg, self.semi = labelled, unlabelled, cfg, semi
         self.rng = np.random.default_rng([cfg.seed, step])
         seed = int(self.rng.integers(2**31))
-        self.weak = training_augmentation(seed, cfg.random_convolution_prob, cfg.histogram_shift_prob)
+        self.weak = training_augmentation(
+            seed,
+            cfg.random_convolution_prob,
+            cfg.histogram_shift_prob,
+            cfg.location_scale_prob,
+            n_classes=max(int(c.labels.max()) + 1 for c in labelled),
+        )
         self.strong = strong_augmentation(seed + 1)
 
     def _case(self, case: TrainingCase, labelled: bool) -> tuple[np.ndarray, np.ndarray | None]:

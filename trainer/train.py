@@ -280,6 +280,7 @@ def train_source(
             "train_cases": [c.case for c in train_cases],
             "val_cases": [c.case for c in val_cases],
             "weights": f"best validation Dice (step {best['step']})" if val_cases else f"last (step {step})",
+            "curve": [{k: h[k] for k in ("step", "seconds", "dice_mean") if k in h} for h in history],
         },
         validation=validation,
         seconds=time.perf_counter() - start,
