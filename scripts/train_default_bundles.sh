@@ -9,7 +9,7 @@
 # The scans are prepared once into an .npz (`ttaseg prepare`, on the same default grid), which also lets the
 # training run on another machine without the source files. On one CPU thread a step took about 2.6 s: the
 # shipped 2000 steps took about 1.5 hours a bundle, both bundles side by side on 2 cores; the validation Dice was
-# still rising there (the cards' training.history), so a larger STEPS buys more. A killed run resumes from
+# still rising there (docs/benchmarks.md, "Source models"), so a larger STEPS buys more. A killed run resumes from
 # runs/train-NAME when the script is run again.
 # Usage: [DEVICE=cuda|cpu] [WORKERS=N] [STEPS=N] scripts/train_default_bundles.sh [bssfp|acdc|all]
 #   DEVICE defaults to cuda when torch sees a GPU, else cpu; WORKERS (batch-preparing processes) to 0.

@@ -35,7 +35,7 @@ from models.mpl import PseudoLabels, ema_update, mpl_pseudo_labels, mpl_student_
 from models.network import GlobalLocalUNet
 from models.sampling import Views, make_views
 from models.terms import TrainMode
-from trainer.augment import augment, strong_augmentation, training_augmentation
+from trainer.augment import augment, strong_augmentation
 from trainer.config import SemiConfig, TrainConfig
 from trainer.data import TrainingCase, source_volume_ranges
 from trainer.mixing import aligned_views, amplitude_mix, cutmix_box, fit_to, paste
@@ -46,6 +46,7 @@ from trainer.train import (
     StepProgress,
     TrainRun,
     one_cycle,
+    recipe_augmentation,
     resume_checkpoint,
     save_checkpoint,
     validate,
@@ -243,13 +244,7 @@ class _Sampler:
         self.labelled, self.unlabelled, self.cfg, self.semi = labelled, unlabelled, cfg, semi
         self.rng = np.random.default_rng([cfg.seed, step])
         seed = int(self.rng.integers(2**31))
-        self.weak = training_augmentation(
-            seed,
-            cfg.random_convolution_prob,
-            cfg.histogram_shift_prob,
-            cfg.location_scale_prob,
-            n_classes=max(int(c.labels.max()) + 1 for c in labelled),
-        )
+        self.weak = recipe_augmentation(cfg, seed, labelled)
         self.strong = strong_augmentation(seed + 1)
 
     def _case(self, case: TrainingCase, labelled: bool) -> tuple[np.ndarray, np.ndarray | None]:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
+from monai.transforms import Compose
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from models.bundle import Bundle, ModelCard, save_bundle
@@ -67,6 +68,19 @@ def resume_checkpoint(path: Path, net: torch.nn.Module, opt: torch.optim.Optimiz
     return ckpt
 
 
+def recipe_augmentation(cfg: TrainConfig, seed: int, cases: Sequence[TrainingCase]) -> Compose:
+    """The augmentation of labelled scans that ``cfg`` names (random convolution, histogram curves,
+    location-scale), for the structures that the label maps of ``cases`` hold."""
+    labelled = [c.labels for c in cases if c.labels is not None]
+    return training_augmentation(
+        seed,
+        cfg.random_convolution_prob,
+        cfg.histogram_shift_prob,
+        cfg.location_scale_prob,
+        n_classes=max((int(lab.max()) + 1 for lab in labelled), default=1),
+    )
+
+
 class ViewStream(IterableDataset):
     """Endless batches of augmented global-local views; each data-loader worker draws its own random stream."""
 
@@ -80,14 +94,7 @@ class ViewStream(IterableDataset):
             torch.set_num_threads(1)  # many workers, one core each
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, self.start_step, worker])
-        labelled = [c.labels for c in self.cases if c.labels is not None]
-        aug = training_augmentation(
-            int(rng.integers(2**31)),
-            cfg.random_convolution_prob,
-            cfg.histogram_shift_prob,
-            cfg.location_scale_prob,
-            n_classes=max((int(lab.max()) + 1 for lab in labelled), default=1),
-        )
+        aug = recipe_augmentation(cfg, int(rng.integers(2**31)), self.cases)
         while True:
             idx = rng.choice(len(self.cases), size=cfg.batch_size, replace=len(self.cases) < cfg.batch_size)
             imgs, labs = [], []
