@@ -101,7 +101,7 @@ def run_test_time(bundle, scans, scored_scans, args: argparse.Namespace) -> dict
 def test_time_rows(earlier: dict, report: dict) -> dict:
     """The test-time rows of an earlier report, refused unless it scored the same bundle, batch and scans."""
     same = ("bundle", "test_time_batch", "labelled_scans")
-    if any(earlier[k] != report[k] for k in same):
+    if any(earlier.get(k) != report[k] for k in same) or "rows" not in earlier:
         raise SystemExit(f"--test-time-from: not the same {', '.join(same)}")
     return {
         k: {**v, "from": earlier["command"]} for k, v in earlier["rows"].items() if k.startswith("test-time")
