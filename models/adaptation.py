@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
 from models.mpl import ema_update, mpl_pseudo_labels, mpl_student_loss
@@ -54,6 +55,9 @@ class AdaptConfig(MplConfig):
     restarts: int = 1
     collapse_ratio: float = 3.0
     collapse_scans: float = 0.25
+    # tent and mpl return the source weights moved (1 - source_weight) of the way to the adapted ones
+    # (weight-space ensembling, as WiSE-FT): a share of what the source segments well is kept
+    source_weight: float = Field(0.25, ge=0.0, lt=1.0)
 
 
 @dataclass
@@ -288,7 +292,8 @@ def adapt(
     ``mpl`` compares each structure's share of every scan before and after adapting; if one collapsed across the
     batch (``collapsed_structures``) it adapts again from the source weights with the next seed, up to
     ``cfg.restarts`` times, and reports the restarts and any structure still collapsed. Progress reaches 100 once,
-    when the last attempt is done; a restart starts it again from 0.
+    when the last attempt is done; a restart starts it again from 0. ``tent`` and ``mpl`` then blend the adapted
+    weights (and every snapshot) with the source's by ``cfg.source_weight`` (:func:`blend_weights`).
     """
     try:
         method = Method(method)
@@ -327,6 +332,23 @@ def adapt(
             )
             if not result.collapsed:
                 break
+    if method.takes_steps and cfg.source_weight:
+        source = net.state_dict()
+        result.net.load_state_dict(blend_weights(source, result.net.state_dict(), cfg.source_weight))
+        result.snapshots = {
+            step: blend_weights(source, state, cfg.source_weight) for step, state in result.snapshots.items()
+        }
     progress(100.0)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def blend_weights(
+    source: dict[str, torch.Tensor], adapted: dict[str, torch.Tensor], source_weight: float
+) -> dict[str, torch.Tensor]:
+    """``source_weight`` x the source's floating-point weights + the rest x the adapted ones; other buffers
+    (counters) as adapted."""
+    return {
+        k: source_weight * source[k] + (1.0 - source_weight) * v if v.is_floating_point() else v
+        for k, v in adapted.items()
+    }

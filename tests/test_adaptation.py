@@ -169,6 +169,35 @@ def test_snapshots_follow_the_adapted_weights(tiny_bundle, shifted):
     assert torch.equal(result.snapshots[4][head], result.net.state_dict()[head])
 
 
+@pytest.mark.parametrize("method", ["tent", "mpl"])
+def test_adapted_weights_keep_the_source_share_asked_for(tiny_bundle, shifted, method):
+    import torch
+
+    from models.pipeline import load_scans
+
+    volumes = [s.array for s in load_scans([img for img, _ in shifted], tiny_bundle, None)]
+    net = tiny_bundle.load_network()
+    source = net.state_dict()
+
+    def run(weight: float):
+        cfg = FAST.model_copy(update={"source_weight": weight})
+        return adapt(
+            net, volumes, tiny_bundle.card.patch_size, method=method, steps=3, cfg=cfg, snapshot_steps=(3,)
+        )
+
+    raw, blended = run(0.0), run(0.25)
+    moved = 0
+    for name, weight in blended.net.state_dict().items():
+        if weight.is_floating_point():
+            expected = 0.25 * source[name] + 0.75 * raw.net.state_dict()[name]
+            assert torch.allclose(weight, expected, atol=1e-6), name
+            assert torch.equal(blended.snapshots[3][name], weight)
+            moved += not torch.equal(weight, source[name])
+    assert moved, "adaptation changed no weight"
+    with pytest.raises(ValueError):
+        AdaptConfig(source_weight=1.0)
+
+
 def test_foreground_connectedness_penalises_scattered_structures():
     from models.postprocessing import foreground_connectedness
 
