@@ -55,8 +55,9 @@ class AdaptConfig(MplConfig):
     restarts: int = 1
     collapse_ratio: float = 3.0
     collapse_scans: float = 0.25
-    # tent and mpl return the source weights moved (1 - source_weight) of the way to the adapted ones
-    # (weight-space ensembling, as WiSE-FT): a share of what the source segments well is kept
+    # mpl returns the source weights moved (1 - source_weight) of the way to the adapted ones (weight-space
+    # ensembling, as WiSE-FT): a share of what the source segments well is kept. Not tent: its blend shrinks a
+    # structure less than the guard's limit, so a scan the guard returns to the source slips through
     source_weight: float = Field(0.25, ge=0.0, lt=1.0)
 
 
@@ -292,8 +293,8 @@ def adapt(
     ``mpl`` compares each structure's share of every scan before and after adapting; if one collapsed across the
     batch (``collapsed_structures``) it adapts again from the source weights with the next seed, up to
     ``cfg.restarts`` times, and reports the restarts and any structure still collapsed. Progress reaches 100 once,
-    when the last attempt is done; a restart starts it again from 0. ``tent`` and ``mpl`` then blend the adapted
-    weights (and every snapshot) with the source's by ``cfg.source_weight`` (:func:`blend_weights`).
+    when the last attempt is done; a restart starts it again from 0. ``mpl`` then blends the adapted weights
+    (and every snapshot) with the source's by ``cfg.source_weight`` (:func:`blend_weights`).
     """
     try:
         method = Method(method)
@@ -332,7 +333,7 @@ def adapt(
             )
             if not result.collapsed:
                 break
-    if method.takes_steps and cfg.source_weight:
+    if method is Method.MPL and cfg.source_weight:
         source = net.state_dict()
         result.net.load_state_dict(blend_weights(source, result.net.state_dict(), cfg.source_weight))
         result.snapshots = {
