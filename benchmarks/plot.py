@@ -1,6 +1,7 @@
 """Dice per labelled scan, source model vs each adaptation method, for every benchmark result JSON; and
 mean Dice vs adaptation steps for every `benchmarks.adaptation_steps` JSON; and held-out source Dice vs training
-hours for every `benchmarks.source_recipes` JSON (``--recipes``).
+hours for every `benchmarks.source_recipes` JSON (``--recipes``) and for bundles trained in stages (``--bundles``:
+every stage their cards record, one after the other).
 
 .venv/bin/python -m benchmarks.plot benchmarks/results/bssfp-lge.json benchmarks/results/acdc-bssfp.json \
     --steps benchmarks/results/acdc-bssfp-steps.json benchmarks/results/bssfp-lge-steps-batch5.json
@@ -53,7 +54,15 @@ def main() -> None:
     parser.add_argument(
         "--recipes-out", type=Path, default=ROOT / "docs" / "img" / "dice_vs_training_hours.png"
     )
+    parser.add_argument("--bundles", nargs="*", type=Path, default=[], help="bundle folders")
+    parser.add_argument(
+        "--bundles-out", type=Path, default=ROOT / "docs" / "img" / "bundles_dice_vs_training_hours.png"
+    )
     args = parser.parse_args()
+    if args.bundles:
+        plot_bundles(
+            [json.loads((b / "model_card.json").read_text()) for b in args.bundles], args.bundles_out
+        )
     if args.recipes:
         plot_recipes([json.loads(p.read_text()) for p in args.recipes], args.recipes_out)
     if args.steps:
@@ -104,6 +113,43 @@ def plot_recipes(reports: list[dict], out: Path) -> None:
         ax.set_title(f"source {source}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    save_figure(fig, out)
+
+
+def plot_bundles(cards: list[dict], out: Path) -> None:
+    """Held-out source Dice against cumulative training hours of each bundle, its earlier stages first.
+
+    A stage whose card kept no curve is drawn as its end point (hours, kept Dice) only; a dotted line marks where
+    each later stage starts.
+    """
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for card in cards:
+        facts = card["training"]
+        stages = [*facts.get("earlier_stages", [])]
+        stages.append(
+            {
+                "bundle": f"{card['name']}:{card['version']}",
+                "seconds": facts["seconds"],
+                "dice_mean": card["validation"].get("dice_mean"),
+                "curve": facts.get("curve", []),
+            }
+        )
+        hours, dice, offset = [], [], 0.0
+        for stage in stages:
+            points = [p for p in stage["curve"] if "dice_mean" in p] or [
+                {"seconds": stage["seconds"], "dice_mean": stage["dice_mean"]}
+            ]
+            hours += [(offset + p["seconds"]) / 3600 for p in points]
+            dice += [p["dice_mean"] for p in points]
+            if offset:
+                ax.axvline(offset / 3600, color="gray", linestyle=":", linewidth=1)
+            offset += stage["seconds"]
+        ax.plot(hours, dice, marker="o", label=" -> ".join(s["bundle"] for s in stages))
+    ax.set_xlim(left=0)
+    ax.set_xlabel("training hours, all stages (device on each card)")
+    ax.set_ylabel("held-out source Dice")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     save_figure(fig, out)
 
 

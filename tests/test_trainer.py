@@ -81,6 +81,33 @@ def test_training_resumes_from_its_checkpoint(phantom_dir, tiny_config, tmp_path
     assert all(0 <= p["dice_mean"] <= 1 for p in curve)
 
 
+def test_a_bundle_trained_in_stages_records_every_earlier_stage(phantom_dir, tiny_config, tmp_path):
+    cases = _cases(phantom_dir, tiny_config)
+    first_cfg = tiny_config.model_copy(update={"steps": 4, "val_every": 2})
+    first = train_source(
+        cases[:4], cases[6:], PHANTOM_LABELS, TrainRun(tmp_path / "w1", tmp_path / "b1", "p"), first_cfg
+    )
+    assert first.card.training["earlier_stages"] == []
+    later_cfg = first_cfg.model_copy(update={"steps": 2, "lr": 1e-3})
+    stages = []
+    for n in (2, 3):  # each stage starts from the previous stage's bundle
+        run = TrainRun(
+            tmp_path / f"w{n}",
+            tmp_path / f"b{n}",
+            "p",
+            version=str(n),
+            init_weights=tmp_path / f"b{n - 1}" / "weights.pt",
+        )
+        bundle = train_source(cases[:4], cases[6:], PHANTOM_LABELS, run, later_cfg)
+        stages.append(bundle.card.training["earlier_stages"])
+    assert [s["bundle"] for s in stages[0]] == ["p:1"]
+    assert [s["bundle"] for s in stages[1]] == ["p:1", "p:2"]
+    assert [(s["steps"], s["lr"]) for s in stages[1]] == [(4, first_cfg.lr), (2, 1e-3)]
+    assert stages[1][0]["seconds"] == first.card.training["seconds"]
+    assert stages[1][0]["curve"] == first.card.training["curve"]
+    assert stages[1][0]["dice_mean"] == first.card.validation["dice_mean"]
+
+
 def test_without_validation_cases_the_bundle_keeps_the_last_weights(phantom_dir, tiny_config, tmp_path):
     cases = _cases(phantom_dir, tiny_config)
     cfg = tiny_config.model_copy(update={"steps": 6, "val_every": 2})
