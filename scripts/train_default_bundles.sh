@@ -12,7 +12,7 @@
 #            (the shipped `:6` bundles; the card lists stage 1 under training.earlier_stages).
 # The scans are prepared once into an .npz (`ttaseg prepare`, on the same default grid), which also lets the
 # training run on another machine without the source files. On one CPU thread of the 2-core AMD machine a step took
-# 2.6 to 3.6 s by instance, so about 3 hours a bundle, both bundles side by side on 2 cores. A killed run resumes
+# 2.6 to 3.6 s by instance, so 2 to 3 hours a bundle, both bundles side by side on 2 cores. A killed run resumes
 # from runs/train-NAME-stageN when the script is run again.
 # glibc's allocator otherwise maps and unmaps every large tensor, and a one-thread step spends a quarter of its time
 # in the kernel (4.6 s a step instead of 3.6 s, measured by the trainer's progress lines on one machine).
