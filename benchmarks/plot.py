@@ -22,6 +22,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from models.bundle import ModelCard, read_card  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"none": "tab:blue", "norm": "tab:gray", "tent": "tab:orange", "mpl": "tab:red"}
 
@@ -60,9 +62,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.bundles:
-        plot_bundles(
-            [json.loads((b / "model_card.json").read_text()) for b in args.bundles], args.bundles_out
-        )
+        plot_bundles([read_card(b) for b in args.bundles], args.bundles_out)
     if args.recipes:
         plot_recipes([json.loads(p.read_text()) for p in args.recipes], args.recipes_out)
     if args.steps:
@@ -116,7 +116,7 @@ def plot_recipes(reports: list[dict], out: Path) -> None:
     save_figure(fig, out)
 
 
-def plot_bundles(cards: list[dict], out: Path) -> None:
+def plot_bundles(cards: list[ModelCard], out: Path) -> None:
     """Held-out source Dice against cumulative training hours of each bundle, its earlier stages first.
 
     A stage whose card kept no curve is drawn as its end point (hours, kept Dice) only; a dotted line marks where
@@ -124,16 +124,7 @@ def plot_bundles(cards: list[dict], out: Path) -> None:
     """
     fig, ax = plt.subplots(figsize=(7, 4))
     for card in cards:
-        facts = card["training"]
-        stages = [*facts.get("earlier_stages", [])]
-        stages.append(
-            {
-                "bundle": f"{card['name']}:{card['version']}",
-                "seconds": facts["seconds"],
-                "dice_mean": card["validation"].get("dice_mean"),
-                "curve": facts.get("curve", []),
-            }
-        )
+        stages = card.training_stages()
         hours, dice, offset = [], [], 0.0
         for stage in stages:
             points = [p for p in stage["curve"] if "dice_mean" in p] or [

@@ -71,6 +71,22 @@ class ModelCard(BaseModel):
     created_at: str = ""
     parent: dict[str, Any] | None = None
 
+    def training_stages(self) -> list[dict[str, Any]]:
+        """Every training stage behind these weights, oldest first and this card's own last: each stage's bundle,
+        steps, peak learning rate, seconds, device, held-out Dice and Dice curve (``training.earlier_stages``
+        holds the stages before this one)."""
+        config = self.training.get("config", {})
+        stage = {
+            "bundle": f"{self.name}:{self.version}",
+            "steps": config.get("steps"),
+            "lr": config.get("lr"),
+            "seconds": self.training.get("seconds"),
+            "device": self.training.get("device"),
+            "dice_mean": self.validation.get("dice_mean"),
+            "curve": self.training.get("curve", []),
+        }
+        return [*self.training.get("earlier_stages", []), stage]
+
 
 class Bundle:
     """A verified checkpoint bundle on disk."""
@@ -103,7 +119,8 @@ class Bundle:
         return f"Bundle({self.ref} at {self.path})"
 
 
-def _read_card(folder: Path) -> ModelCard:
+def read_card(folder: Path) -> ModelCard:
+    """The validated model card of a bundle folder, without verifying its files."""
     card_path = folder / CARD_FILE
     if not card_path.is_file():
         raise BundleError(f"{folder}: not a bundle (no {CARD_FILE})")
@@ -117,7 +134,7 @@ def _read_card(folder: Path) -> ModelCard:
 def load_bundle(path: str | Path) -> Bundle:
     """Load and verify a bundle directory."""
     path = Path(path)
-    card = _read_card(path)
+    card = read_card(path)
     for fname, expected in ((WEIGHTS_FILE, card.weights_sha256), (ONNX_FILE, card.onnx_sha256)):
         f = path / fname
         if not f.is_file():
@@ -165,7 +182,7 @@ def resolve_bundle(spec: str | Path, root: str | Path | None = None) -> Bundle:
     if Path(spec).is_dir():
         return load_bundle(spec)
     name, _, version = str(spec).partition(":")
-    cards = [(folder, _read_card(folder)) for folder in bundle_folders(root)]
+    cards = [(folder, read_card(folder)) for folder in bundle_folders(root)]
     matches = [(f, c) for f, c in cards if c.name == name and (not version or c.version == version)]
     if not matches:
         known = ", ".join(sorted({f"{c.name}:{c.version}" for _, c in cards})) or "none"

@@ -15,7 +15,7 @@ from monai.losses import DiceCELoss
 from monai.transforms import Compose
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from models.bundle import CARD_FILE, Bundle, ModelCard, save_bundle
+from models.bundle import CARD_FILE, Bundle, ModelCard, read_card, save_bundle
 from models.guard import VolumeRanges, dice_per_class
 from models.inference import predict_volume, torch_predictor
 from models.network import GlobalLocalUNet, cosine_consistency
@@ -145,24 +145,13 @@ def load_initial_weights(net: GlobalLocalUNet, path: str | Path | None) -> None:
 
 
 def earlier_stages(weights: str | Path | None) -> list[dict]:
-    """The training behind initial ``weights`` that are a bundle's (its card beside them), oldest stage first:
-    each stage's bundle, steps, peak learning rate, seconds, device, held-out Dice and Dice curve, so that a
-    bundle trained in stages still tells its whole cost. Empty for MAE weights or none."""
-    card_path = Path(weights).parent / CARD_FILE if weights else None
-    if card_path is None or not card_path.is_file():
+    """The training stages behind initial ``weights`` that are a bundle's (its card beside them), oldest first
+    (:meth:`models.bundle.ModelCard.training_stages`), so that a bundle trained in stages still tells its whole
+    cost. Empty for MAE weights or none."""
+    folder = Path(weights).parent if weights else None
+    if folder is None or not (folder / CARD_FILE).is_file():
         return []
-    card = ModelCard.model_validate_json(card_path.read_text())
-    facts, config = card.training, card.training.get("config", {})
-    stage = {
-        "bundle": f"{card.name}:{card.version}",
-        "steps": config.get("steps"),
-        "lr": config.get("lr"),
-        "seconds": facts.get("seconds"),
-        "device": facts.get("device"),
-        "dice_mean": card.validation.get("dice_mean"),
-        "curve": facts.get("curve", []),
-    }
-    return [*facts.get("earlier_stages", []), stage]
+    return read_card(folder).training_stages()
 
 
 def device_name(device: str) -> str:
