@@ -281,6 +281,7 @@ def train(
     Labels of unlabelled or target scans are never read.
 
     Resumes from --work. Progress with the time left is a live bar in a terminal, plain lines in a log file."""
+    from models.bundle import BundleError
     from trainer.data import load_cases
     from trainer.train import TrainRun, train_source
 
@@ -301,16 +302,19 @@ def train(
         raise _fail(ValueError(f"--mode {mode} needs --target-images"))
     if (mode is TrainMode.SEMI) != bool(unlabelled):
         raise _fail(ValueError("--unlabelled goes with --mode semi, and --mode semi needs it"))
-    run = TrainRun(
-        work_dir=work,
-        out_bundle=out,
-        name=name,
-        version=version,
-        init_weights=pretrained,
-        device=device,
-        largest_component=largest_component,
-        summary={"images": str(images), "labels": str(labels) if labels else None},
-    )
+    try:
+        run = TrainRun(
+            work_dir=work,
+            out_bundle=out,
+            name=name,
+            version=version,
+            init_weights=pretrained,
+            device=device,
+            largest_component=largest_component,
+            summary={"images": str(images), "labels": str(labels) if labels else None},
+        )
+    except BundleError as exc:  # a broken card beside --pretrained
+        raise _fail(exc) from exc
     if mode is TrainMode.FEDERATED:
         fed = FederatedConfig(
             mae_rounds=mae_rounds, rounds=rounds, warmup_rounds=warmup_rounds, local_steps=local_steps

@@ -108,6 +108,21 @@ def test_a_bundle_trained_in_stages_records_every_earlier_stage(phantom_dir, tin
     assert stages[1][0]["dice_mean"] == first.card.validation["dice_mean"]
 
 
+def test_a_broken_card_beside_the_initial_weights_stops_training_before_it_starts(tmp_path):
+    (tmp_path / "b").mkdir()
+    torch.save({}, tmp_path / "b" / "weights.pt")
+    (tmp_path / "b" / "model_card.json").write_text('{"name": "p", "labels": "not a mapping"}')
+    (tmp_path / "labels.json").write_text(json.dumps({str(k): v for k, v in PHANTOM_LABELS.items()}))
+    result = CliRunner().invoke(
+        app,
+        ["train", "--images", str(tmp_path), "--label-names", str(tmp_path / "labels.json")]
+        + ["--pretrained", str(tmp_path / "b" / "weights.pt")]
+        + ["--work", str(tmp_path / "w"), "--out", str(tmp_path / "out")],
+    )
+    assert result.exit_code == 2 and "invalid model card" in result.output
+    assert not (tmp_path / "w").exists() and not (tmp_path / "out").exists()
+
+
 def test_without_validation_cases_the_bundle_keeps_the_last_weights(phantom_dir, tiny_config, tmp_path):
     cases = _cases(phantom_dir, tiny_config)
     cfg = tiny_config.model_copy(update={"steps": 6, "val_every": 2})

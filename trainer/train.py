@@ -164,7 +164,8 @@ class TrainRun:
     """What every training mode shares: where it checkpoints (``work_dir``, resumed from), the bundle it writes
     (folder, name, version), the weights it starts from, the device, the clean-up its card names
     (``foreground`` for one heart), and ``summary``: what the card records of the data beside the mode's own
-    facts."""
+    facts. ``init_stages`` are the training stages behind ``init_weights``, read from their card when the run is
+    set up, so that a broken card stops the run before training rather than after."""
 
     work_dir: Path
     out_bundle: Path
@@ -174,6 +175,10 @@ class TrainRun:
     device: str = "cpu"
     largest_component: LargestComponent = LargestComponent.off
     summary: dict = field(default_factory=dict)
+    init_stages: list[dict] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "init_stages", earlier_stages(self.init_weights))
 
     def work(self) -> Path:
         """The checkpoint folder, created."""
@@ -216,7 +221,7 @@ class TrainRun:
                 **training,
                 "config": cfg.model_dump(mode="json"),
                 "pretrained_from": str(self.init_weights) if self.init_weights else None,
-                "earlier_stages": earlier_stages(self.init_weights),
+                "earlier_stages": self.init_stages,
                 "seconds": round(seconds, 1),
                 "device": device_name(self.device),
             },
