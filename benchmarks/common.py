@@ -24,6 +24,10 @@ TASKS = {
     "bssfp-lge": ("cardiac-bssfp", "cardiac/mscmr_lge/images", "cardiac/mscmr_lge/labels"),
     "acdc-bssfp": ("cardiac-acdc", "cardiac/mscmr_bssfp/images", "cardiac/mscmr_bssfp/labels"),
     "acdc-lge": ("cardiac-acdc", "cardiac/mscmr_lge/images", "cardiac/mscmr_lge/labels"),
+    # in-domain: the source's own scans; its held-out cases are the last by name (--skip 20 --limit 5 for
+    # bSSFP, --skip 54 --limit 6 for ACDC), the cards' validation split
+    "bssfp-bssfp": ("cardiac-bssfp", "cardiac/mscmr_bssfp/images", "cardiac/mscmr_bssfp/labels"),
+    "acdc-acdc": ("cardiac-acdc", "cardiac/acdc_cine/images", "cardiac/acdc_cine/labels"),
 }
 STEP_METHODS = [m.value for m in Method if m.takes_steps]  # the methods whose Dice depends on the steps
 
