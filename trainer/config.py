@@ -46,8 +46,8 @@ class TrainConfig(BaseModel):
     seed: int = 0
     workers: int = 0
     # the card's flip ensemble at inference (in-plane axes, 1: y, 2: x): the network trains with in-plane flips,
-    # and on the slice-wise bundles the ensemble gains in-domain and on every target (docs/benchmarks.md, "Flip
-    # ensemble"); on the volumetric network it gained nothing
+    # and on the slice-wise bundles the ensemble gains in-domain and on every target; on the volumetric network
+    # it gained nothing (docs/benchmarks.md, "Source models")
     test_time_flips: tuple[Literal[1, 2], ...] = (1, 2)
 
 
