@@ -217,6 +217,7 @@ def score(args: argparse.Namespace) -> None:
                 patch=card["patch_size"],
                 labels=bundle.card.labels,
                 largest_component=LargestComponent(card["largest_component"]),
+                flips=bundle.card.test_time_flips,
             )
         )
         print(f"{method} step {step:4d}: mean Dice {curve[step]['mean_dice']:.3f}", flush=True)

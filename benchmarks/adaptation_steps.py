@@ -73,6 +73,7 @@ def main() -> None:
         "batch_size": len(scans),
         "labelled_scans": [s.case for s in labelled_scans],
         "adapt_config": config.model_dump(mode="json"),
+        "test_time_flips": list(bundle.card.test_time_flips),
         "largest_component": str(largest_component),
         "machine": machine(),
         "command": command("benchmarks.adaptation_steps"),
@@ -97,6 +98,7 @@ def main() -> None:
                     patch=bundle.card.patch_size,
                     labels=bundle.card.labels,
                     largest_component=largest_component,
+                    flips=bundle.card.test_time_flips,
                 )
             )
             print(f"{method} step {step:4d}: mean Dice {curve[step]['mean_dice']:.3f}", flush=True)

@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -116,11 +117,13 @@ def dice_per_scan(
     patch,
     labels: dict[int, str],
     largest_component: LargestComponent,
+    flips: Sequence[int] = (),
 ) -> dict[str, float]:
-    """Mean Dice over structures for each labelled scan segmented by ``net`` (eager, on its own grid)."""
-    from models.inference import predict_volume, torch_predictor
+    """Mean Dice over structures for each labelled scan segmented by ``net`` (eager, on its own grid, with the
+    flip ensemble along ``flips``, as a card's ``test_time_flips``)."""
+    from models.inference import flip_ensemble, predict_volume, torch_predictor
 
-    predict = torch_predictor(net.eval())
+    predict = flip_ensemble(torch_predictor(net.eval()), flips)
     return {
         scan.case: scan_dice(
             predict_volume(scan.array, predict, patch),

@@ -71,6 +71,7 @@ def score(net, bundle, scans) -> dict:
             patch=bundle.card.patch_size,
             labels=bundle.card.labels,
             largest_component=bundle.card.largest_component,
+            flips=bundle.card.test_time_flips,
         )
     )
 

@@ -70,6 +70,7 @@ def _score(bundle, files: dict[str, list[Path]]) -> dict[str, dict]:
             patch=card.patch_size,
             labels=card.labels,
             largest_component=LargestComponent.foreground,
+            flips=card.test_time_flips,
         )
         result[d] = {"mean_dice": round(float(np.mean(list(per_scan.values()))), 4), "scans": per_scan}
     return result
