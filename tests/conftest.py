@@ -49,7 +49,6 @@ def tiny_config() -> TrainConfig:
         mask_block=(2, 8, 8),
         random_convolution_prob=0.0,  # a source model that the phantoms' scanner shift can still fool
         location_scale_prob=0.0,
-        test_time_flips=(),  # one prediction: the tests' own flips say where they want an ensemble
     )
 
 

@@ -131,8 +131,6 @@ def test_train_defaults_to_the_slice_wise_plan_and_takes_the_3d_plan_by_name(pha
     assert default.training["config"]["batch_size"] == 2  # the option overrides the plan's 16
     assert volumetric.network.spatial_dims == 3 and volumetric.patch_size == (16, 112, 112)
     assert volumetric.target_spacing == PLANS[Plan.VOLUMETRIC]["target_spacing"] == (1.8, 1.8, 8.0)
-    # the slice-wise plan's cards ask for the flip ensemble at inference, the volumetric plan's do not
-    assert default.test_time_flips == (1, 2) and volumetric.test_time_flips == ()
 
 
 def test_test_time_adaptation_of_a_slice_wise_plan_sees_a_batch_of_slices_from_every_scan():

@@ -4,7 +4,6 @@ defaults from here."""
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal
 
 from pydantic import BaseModel
 
@@ -45,10 +44,6 @@ class TrainConfig(BaseModel):
     location_scale_prob: float = 0.5
     seed: int = 0
     workers: int = 0
-    # the card's flip ensemble at inference (in-plane axes, 1: y, 2: x): the network trains with in-plane flips,
-    # and on the slice-wise bundles the ensemble gains in-domain and on every target; on the volumetric network
-    # it gained nothing (docs/benchmarks.md, "Source models")
-    test_time_flips: tuple[Literal[1, 2], ...] = (1, 2)
 
 
 class Plan(StrEnum):
@@ -65,7 +60,6 @@ PLANS: dict[Plan, dict] = {  # TrainConfig fields of each plan over the defaults
         "patch_size": (16, 112, 112),
         "batch_size": 8,
         "network": NetworkConfig(channels=(12, 24, 48, 96)),
-        "test_time_flips": (),
     },
 }
 

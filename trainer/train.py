@@ -228,7 +228,6 @@ class TrainRun:
             validation=validation,
             label_volumes_ml=label_volumes_ml,
             largest_component=self.largest_component,
-            test_time_flips=cfg.test_time_flips,
         )
         return save_bundle(net.cpu(), card, self.out_bundle)
 
