@@ -53,7 +53,7 @@ def run_method(
     """Adapt + segment in this process; returns seconds, peak RSS and per-scan signals."""
     from models.adaptation import AdaptConfig
     from models.bundle import resolve_bundle
-    from models.pipeline import clean_up_settings, segment_batch
+    from models.pipeline import segment_batch, segment_settings
 
     phases: dict[str, float] = {}
     start = time.perf_counter()
@@ -63,7 +63,7 @@ def run_method(
             phases[phase] = time.perf_counter() - start
 
     loaded = resolve_bundle(bundle)
-    _, config = clean_up_settings(loaded.card, largest_component, AdaptConfig(**overrides))
+    config = segment_settings(loaded.card, largest_component, AdaptConfig(**overrides), flips).adapt
     results = segment_batch(
         inputs,
         loaded,

@@ -63,12 +63,12 @@ def _volumes(packed: Path, card: dict) -> list[np.ndarray]:
 
 def pack(args: argparse.Namespace) -> None:
     """Prepare the task's batch on the model grid and save it with the source weights and settings."""
-    from models.pipeline import clean_up_settings, load_scans
+    from models.pipeline import load_scans, segment_settings
 
     bundle = common.task_bundle(args.task, args.bundle)
     inputs, labelled = common.task_inputs(args.task, skip=args.skip, limit=args.limit)
     scans = load_scans(inputs, bundle, None)
-    largest_component, config = clean_up_settings(bundle.card, None, None)
+    settings = segment_settings(bundle.card)
     args.out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.out / BATCH_FILE, **{s.case: s.array for s in scans})
     torch.save(bundle.load_network().state_dict(), args.out / WEIGHTS_FILE)
@@ -80,8 +80,8 @@ def pack(args: argparse.Namespace) -> None:
         "labelled_scans": [s.case for s in scans if s.case in labelled],
         "patch_size": list(bundle.card.patch_size),
         "network": bundle.card.network.model_dump(mode="json"),
-        "largest_component": str(largest_component),
-        "adapt_config": config.model_dump(mode="json"),
+        "largest_component": str(settings.largest_component),
+        "adapt_config": settings.adapt.model_dump(mode="json"),
     }
     common.write_json(args.out / CARD_FILE, card)
     size = sum(f.stat().st_size for f in args.out.iterdir()) / 2**20
@@ -196,7 +196,7 @@ def _labelled(packed: Path, card: dict):
 
 def score(args: argparse.Namespace) -> None:
     """Score the source weights and every snapshot on the labelled scans; print a table and write JSON."""
-    from models.postprocessing import LargestComponent
+    from models.pipeline import segment_settings
 
     card = json.loads((args.packed / CARD_FILE).read_text())
     run = json.loads((args.snapshots / ADAPT_FILE).read_text())
@@ -214,10 +214,8 @@ def score(args: argparse.Namespace) -> None:
                 net,
                 scans,
                 labels_folder,
-                patch=card["patch_size"],
-                labels=bundle.card.labels,
-                largest_component=LargestComponent(card["largest_component"]),
-                flips=bundle.card.test_time_flips,
+                bundle.card,
+                segment_settings(bundle.card, card["largest_component"]),
             )
         )
         print(f"{method} step {step:4d}: mean Dice {curve[step]['mean_dice']:.3f}", flush=True)

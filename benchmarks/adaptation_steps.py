@@ -55,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from models.adaptation import AdaptConfig, adapt
-    from models.pipeline import clean_up_settings, load_scans
+    from models.pipeline import load_scans, segment_settings
 
     bundle = task_bundle(args.task, args.bundle)
     inputs, labelled = task_inputs(args.task, skip=args.skip, limit=args.limit)
@@ -64,17 +64,16 @@ def main() -> None:
     last = max(args.checkpoints)
     # early stopping and restarts off (unless asked for): the curve must show what one run does if it runs on
     overrides = {"restarts": 0, **json.loads(args.config), "min_steps": last + 1}
-    largest_component, config = clean_up_settings(
-        bundle.card, args.largest_component, AdaptConfig(**overrides)
-    )
+    settings = segment_settings(bundle.card, args.largest_component, AdaptConfig(**overrides))
+    config = settings.adapt
     report = {
         "task": args.task,
         "bundle": bundle.ref,
         "batch_size": len(scans),
         "labelled_scans": [s.case for s in labelled_scans],
         "adapt_config": config.model_dump(mode="json"),
-        "test_time_flips": list(bundle.card.test_time_flips),
-        "largest_component": str(largest_component),
+        "test_time_flips": list(settings.flips),
+        "largest_component": str(settings.largest_component),
         "machine": machine(),
         "command": command("benchmarks.adaptation_steps"),
         "methods": {},
@@ -91,15 +90,7 @@ def main() -> None:
         for step, state in sorted(result.snapshots.items()):
             result.net.load_state_dict(state)
             curve[step] = scored(
-                dice_per_scan(
-                    result.net,
-                    labelled_scans,
-                    label_dir(args.task),
-                    patch=bundle.card.patch_size,
-                    labels=bundle.card.labels,
-                    largest_component=largest_component,
-                    flips=bundle.card.test_time_flips,
-                )
+                dice_per_scan(result.net, labelled_scans, label_dir(args.task), bundle.card, settings)
             )
             print(f"{method} step {step:4d}: mean Dice {curve[step]['mean_dice']:.3f}", flush=True)
         report["methods"][method] = {

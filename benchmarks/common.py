@@ -8,13 +8,17 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from models.postprocessing import LargestComponent
 from models.terms import Method
+
+if TYPE_CHECKING:
+    from models.bundle import ModelCard
+    from models.pipeline import SegmentSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("TTASEG_DATA", ROOT.parent / "shared" / "data"))
@@ -110,27 +114,23 @@ def scan_dice(
 
 
 def dice_per_scan(
-    net,
-    scans,
-    label_dir: Path,
-    *,
-    patch,
-    labels: dict[int, str],
-    largest_component: LargestComponent,
-    flips: Sequence[int] = (),
+    net, scans, label_dir: Path, card: ModelCard, settings: SegmentSettings | None = None
 ) -> dict[str, float]:
-    """Mean Dice over structures for each labelled scan segmented by ``net`` (eager, on its own grid, with the
-    flip ensemble along ``flips``, as a card's ``test_time_flips``)."""
+    """Mean Dice over structures for each labelled scan segmented by ``net`` as the product segments with
+    ``card`` (eager, on the scan's own grid, with the clean-up and flip ensemble of ``settings``, by default the
+    card's)."""
     from models.inference import flip_ensemble, predict_volume, torch_predictor
+    from models.pipeline import segment_settings
 
-    predict = flip_ensemble(torch_predictor(net.eval()), flips)
+    settings = settings or segment_settings(card)
+    predict = flip_ensemble(torch_predictor(net.eval()), settings.flips)
     return {
         scan.case: scan_dice(
-            predict_volume(scan.array, predict, patch),
+            predict_volume(scan.array, predict, card.patch_size),
             scan,
             label_dir,
-            labels=labels,
-            largest_component=largest_component,
+            labels=card.labels,
+            largest_component=settings.largest_component,
         )
         for scan in scans
     }

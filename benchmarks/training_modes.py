@@ -63,22 +63,13 @@ def prepared_data(bundle, work: Path) -> tuple[Path, Path]:
 
 def score(net, bundle, scans) -> dict:
     """Per-scan and mean Dice of ``net`` on the labelled target scans."""
-    return scored(
-        dice_per_scan(
-            net,
-            scans,
-            label_dir(TASK),
-            patch=bundle.card.patch_size,
-            labels=bundle.card.labels,
-            largest_component=bundle.card.largest_component,
-            flips=bundle.card.test_time_flips,
-        )
-    )
+    return scored(dice_per_scan(net, scans, label_dir(TASK), bundle.card))
 
 
 def run_test_time(bundle, scans, scored_scans, args: argparse.Namespace) -> dict:
     """Rows of the source bundle as shipped: no adaptation, and test-time ``mpl`` on the batch."""
-    from models.adaptation import AdaptConfig, adapt
+    from models.adaptation import adapt
+    from models.pipeline import segment_settings
 
     net = bundle.load_network(args.device)
     rows = {"test-time none": {**score(net, bundle, scored_scans), "seconds": 0.0}}
@@ -89,7 +80,7 @@ def run_test_time(bundle, scans, scored_scans, args: argparse.Namespace) -> dict
         bundle.card.patch_size,
         method=Method.MPL,
         steps=args.tta_steps,
-        cfg=AdaptConfig().with_anatomy(bundle.card.largest_component),
+        cfg=segment_settings(bundle.card).adapt,
     )
     rows["test-time mpl"] = {
         **score(adapted.net, bundle, scored_scans),

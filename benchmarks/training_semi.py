@@ -57,21 +57,15 @@ def _scored(labelled: list[Path], score_limit: int | None) -> dict[str, list[Pat
 
 
 def _score(bundle, files: dict[str, list[Path]]) -> dict[str, dict]:
-    from models.pipeline import load_scans
+    from models.pipeline import load_scans, segment_settings
 
     card = bundle.card
+    settings = segment_settings(card, LargestComponent.foreground)
     net = bundle.load_network()
     result = {}
     for d, paths in files.items():
-        per_scan = dice_per_scan(
-            net,
-            load_scans(paths, bundle, None),
-            DATA / DOMAINS[d][1],
-            patch=card.patch_size,
-            labels=card.labels,
-            largest_component=LargestComponent.foreground,
-            flips=card.test_time_flips,
-        )
+        scans = load_scans(paths, bundle, None)
+        per_scan = dice_per_scan(net, scans, DATA / DOMAINS[d][1], card, settings)
         result[d] = {"mean_dice": round(float(np.mean(list(per_scan.values()))), 4), "scans": per_scan}
     return result
 

@@ -27,7 +27,7 @@ from torch import nn
 from models.mpl import ema_update, mpl_pseudo_labels, mpl_student_loss
 from models.mpl_config import MplConfig
 from models.network import GlobalLocalUNet
-from models.sampling import Views, global_view, make_views, pad_to_patch
+from models.sampling import Views, global_view, make_views, mirror_randomly, pad_to_patch
 from models.terms import Method
 
 MIN_SHARE = 1e-3  # a structure below this share of a scan's global view is absent from it
@@ -106,7 +106,8 @@ def _random_views(volumes: Sequence[np.ndarray], patch, cfg: AdaptConfig, rng: n
         idx = np.concatenate([rng.permutation(len(volumes)) for _ in range(turns)])[: cfg.slice_batch_size]
     else:
         idx = rng.choice(len(volumes), size=min(cfg.batch_size, len(volumes)), replace=False)
-    return make_views([volumes[i] for i in idx], patch, rng)
+    views = make_views([volumes[i] for i in idx], patch, rng)
+    return mirror_randomly(views, cfg.view_flips, rng) if cfg.view_flips else views  # None or (): none
 
 
 @torch.no_grad()

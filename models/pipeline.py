@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -57,13 +58,28 @@ def resolve_device(device: str) -> str:
     return "cuda" if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
 
 
-def clean_up_settings(
-    card: ModelCard, largest_component: LargestComponent | str | None, adapt_config: AdaptConfig | None
-) -> tuple[LargestComponent, AdaptConfig]:
-    """The label maps' clean-up (default: the card's), and adaptation settings whose pseudo-label clean-up
-    follows it unless they set one."""
+class SegmentSettings(NamedTuple):
+    """How a batch is segmented: the label maps' clean-up, the flip ensemble's axes and the adaptation settings."""
+
+    largest_component: LargestComponent
+    flips: tuple[int, ...]
+    adapt: AdaptConfig
+
+
+def segment_settings(
+    card: ModelCard,
+    largest_component: LargestComponent | str | None = None,
+    adapt_config: AdaptConfig | None = None,
+    flips: Sequence[int] | None = None,
+) -> SegmentSettings:
+    """The label maps' clean-up and flip ensemble (default: the card's), and adaptation settings whose
+    pseudo-label clean-up and mirrored views follow them unless they set their own."""
     largest_component = LargestComponent(largest_component or card.largest_component)
-    return largest_component, (adapt_config or AdaptConfig()).with_anatomy(largest_component)
+    flips = card.test_time_flips if flips is None else tuple(flips)
+    adapt_config = (adapt_config or AdaptConfig()).with_anatomy(largest_component)
+    if adapt_config.view_flips is None:
+        adapt_config = adapt_config.model_copy(update={"view_flips": flips})
+    return SegmentSettings(largest_component, tuple(flips), adapt_config)
 
 
 def load_scans(
@@ -131,7 +147,8 @@ def segment_batch(
 
     ``largest_component``: connected-component clean-up of the label maps (default: the model card's); unless
     ``adapt_config`` says otherwise, ``mpl`` cleans its pseudo-labels up the same way. ``flips``: the axes of
-    the flip ensemble that segments every scan, source and adapted model alike (default: the card's).
+    the flip ensemble that segments every scan, source and adapted model alike (default: the card's); unless
+    ``adapt_config`` sets ``view_flips``, adaptation mirrors its views along the same axes.
     """
     progress = progress or (lambda phase, pct: None)
     method = Method(method)
@@ -139,10 +156,9 @@ def segment_batch(
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device)
     card = bundle.card
-    largest_component, adapt_config = clean_up_settings(card, largest_component, adapt_config)
+    largest_component, flips, adapt_config = segment_settings(card, largest_component, adapt_config, flips)
     scans = load_scans(inputs, bundle, case_names)
     patch = card.patch_size
-    flips = card.test_time_flips if flips is None else tuple(flips)
     source = flip_ensemble(onnx_predictor(onnx_session(bundle.onnx_path, device)), flips)
 
     adapted: AdaptResult | None = None

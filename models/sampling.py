@@ -136,3 +136,18 @@ def mirror_views(local: torch.Tensor, gview: torch.Tensor, box: torch.Tensor, ax
     flipped = box.clone()
     flipped[:, axis], flipped[:, axis + 3] = 1 - box[:, axis + 3], 1 - box[:, axis]
     return local.flip(axis + 2), gview.flip(axis + 2), flipped
+
+
+def mirror_randomly(views: Views, axes: Sequence[int], rng: np.random.Generator) -> Views:
+    """``views`` with each one mirrored along each of ``axes`` with probability 1/2 (labels and boxes with it)."""
+    local, gview, box = views.local.clone(), views.global_view.clone(), views.box.clone()
+    llab = None if views.local_labels is None else views.local_labels.clone()
+    glab = None if views.global_labels is None else views.global_labels.clone()
+    for axis in axes:
+        pick = torch.from_numpy(rng.random(len(box)) < 0.5)
+        if not pick.any():
+            continue
+        local[pick], gview[pick], box[pick] = mirror_views(local[pick], gview[pick], box[pick], axis)
+        if llab is not None and glab is not None:
+            llab[pick], glab[pick] = llab[pick].flip(axis + 2), glab[pick].flip(axis + 2)
+    return Views(local, gview, box, llab, glab)

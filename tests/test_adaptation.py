@@ -342,3 +342,56 @@ def test_mirrored_teacher_labels_a_mirrored_scan_as_the_mirror_image():
         assert not torch.allclose(plain, p_local.flip(axis + 2), atol=1e-3)  # the plain teacher is not
     with pytest.raises(ValueError):
         AdaptConfig(teacher_flips=(3,))
+
+
+def test_views_mirrored_at_random_keep_image_box_and_labels_together():
+    import itertools
+
+    from models.sampling import make_views, mirror_randomly
+
+    rng = np.random.default_rng(0)
+    volumes = [rng.normal(size=(4, 24, 24)).astype(np.float32) for _ in range(16)]
+    views = make_views(volumes, (1, 16, 16), rng, labels=[(v > 0.5).astype(np.uint8) for v in volumes])
+    before = views.local.clone()
+    mirrored = mirror_randomly(views, (1, 2), np.random.default_rng(1))
+    assert bool((views.local == before).all())  # the views drawn are left as they were
+    combos = []
+    for i in range(16):
+        for flip_y, flip_x in itertools.product((False, True), repeat=2):
+            dims = [d for d, f in ((2, flip_y), (3, flip_x)) if f]
+            box = views.box[i].clone()
+            for axis, f in ((1, flip_y), (2, flip_x)):
+                if f:
+                    box[axis], box[axis + 3] = 1 - views.box[i, axis + 3], 1 - views.box[i, axis]
+            if bool((mirrored.local[i] == views.local[i].flip(dims)).all()):
+                assert bool((mirrored.local_labels[i] == views.local_labels[i].flip(dims)).all())
+                assert bool((mirrored.global_view[i] == views.global_view[i].flip(dims)).all())
+                assert np.allclose(mirrored.box[i].numpy(), box.numpy())
+                combos.append((flip_y, flip_x))
+                break
+        else:
+            raise AssertionError(f"view {i} is no mirror image of the one drawn")
+    assert len(set(combos)) == 4  # every combination of the two axes occurs in 16 views
+
+
+def test_adaptation_mirrors_its_views_along_the_flip_ensemble(tiny_bundle, shifted, tmp_path, monkeypatch):
+    import models.adaptation
+    from models.pipeline import segment_settings
+
+    card = tiny_bundle.card
+    assert segment_settings(card).adapt.view_flips == card.test_time_flips == ()
+    assert segment_settings(card, flips=[1, 2]).adapt.view_flips == (1, 2)
+    own = AdaptConfig(view_flips=())  # settings that name their own mirroring keep it
+    assert segment_settings(card, adapt_config=own, flips=[1, 2]).adapt.view_flips == ()
+
+    axes = []
+    real = models.adaptation.mirror_randomly
+    monkeypatch.setattr(
+        models.adaptation, "mirror_randomly", lambda v, a, rng: axes.append(tuple(a)) or real(v, a, rng)
+    )
+    tiny = FAST.model_copy(update={"steps": 2, "min_steps": 1, "restarts": 0})
+    inputs = [img for img, _ in shifted[:2]]
+    segment_batch(inputs, tiny_bundle, tmp_path / "plain", method="mpl", adapt_config=tiny)
+    assert axes == []
+    segment_batch(inputs, tiny_bundle, tmp_path / "flips", method="mpl", adapt_config=tiny, flips=[1, 2])
+    assert axes and set(axes) == {(1, 2)}
