@@ -107,7 +107,7 @@ def _random_views(volumes: Sequence[np.ndarray], patch, cfg: AdaptConfig, rng: n
     else:
         idx = rng.choice(len(volumes), size=min(cfg.batch_size, len(volumes)), replace=False)
     views = make_views([volumes[i] for i in idx], patch, rng)
-    return mirror_randomly(views, cfg.view_flips, rng) if cfg.view_flips else views  # None or (): none
+    return mirror_randomly(views, cfg.view_flips, rng) if cfg.view_flips else views
 
 
 @torch.no_grad()

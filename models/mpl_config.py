@@ -23,9 +23,9 @@ class MplConfig(BaseModel):
     # pseudo-labels are then the mean of the plain and mirrored predictions (an ablation: on the cardiac tasks
     # it made the student lose the right ventricle)
     teacher_flips: tuple[Literal[0, 1, 2], ...] = ()
-    # spatial axes along which each adaptation view is mirrored with probability 1/2, so that the adapted network
-    # also segments mirror images, as the flip ensemble asks of it; None: the axes of the ensemble that segments
-    view_flips: tuple[Literal[0, 1, 2], ...] | None = None
+    # in-plane axes (1: y, 2: x) along which each adaptation view is mirrored with probability 1/2; the adapted
+    # network then segments with a flip ensemble along the same axes (the source model with its card's)
+    view_flips: tuple[Literal[1, 2], ...] = ()
     pseudo_label_clean_up: LargestComponent | None = None  # None: as the label maps' clean-up
     student_sees_unmasked: bool = True
     global_weight: float = 0.5

@@ -59,7 +59,8 @@ def resolve_device(device: str) -> str:
 
 
 class SegmentSettings(NamedTuple):
-    """How a batch is segmented: the label maps' clean-up, the flip ensemble's axes and the adaptation settings."""
+    """How a batch is segmented: the label maps' clean-up, the source model's flip-ensemble axes and the
+    adaptation settings (whose ``view_flips`` are the adapted network's)."""
 
     largest_component: LargestComponent
     flips: tuple[int, ...]
@@ -72,13 +73,11 @@ def segment_settings(
     adapt_config: AdaptConfig | None = None,
     flips: Sequence[int] | None = None,
 ) -> SegmentSettings:
-    """The label maps' clean-up and flip ensemble (default: the card's), and adaptation settings whose
-    pseudo-label clean-up and mirrored views follow them unless they set their own."""
+    """The label maps' clean-up and the source model's flip ensemble (default: the card's), and adaptation
+    settings whose pseudo-label clean-up follows the label maps' unless they set their own."""
     largest_component = LargestComponent(largest_component or card.largest_component)
     flips = card.test_time_flips if flips is None else tuple(flips)
     adapt_config = (adapt_config or AdaptConfig()).with_anatomy(largest_component)
-    if adapt_config.view_flips is None:
-        adapt_config = adapt_config.model_copy(update={"view_flips": flips})
     return SegmentSettings(largest_component, tuple(flips), adapt_config)
 
 
@@ -147,8 +146,9 @@ def segment_batch(
 
     ``largest_component``: connected-component clean-up of the label maps (default: the model card's); unless
     ``adapt_config`` says otherwise, ``mpl`` cleans its pseudo-labels up the same way. ``flips``: the axes of
-    the flip ensemble that segments every scan, source and adapted model alike (default: the card's); unless
-    ``adapt_config`` sets ``view_flips``, adaptation mirrors its views along the same axes.
+    the source model's flip ensemble (default: the card's). An adapted network segments with the ensemble along
+    ``adapt_config.view_flips``, the axes its views were mirrored along (default: none, one prediction): a
+    network adapted on unmirrored views has not adapted its mirror images, which stay near the source model's.
     """
     progress = progress or (lambda phase, pct: None)
     method = Method(method)
@@ -178,10 +178,12 @@ def segment_batch(
             )
             predictor = flip_ensemble(
                 onnx_predictor(onnx_session(export_onnx(adapted.net, patch, Path(tmp) / "a.onnx"), device)),
-                flips,
+                adapt_config.view_flips,
             )
             if save_adapted:
-                save_adapted_bundle(bundle, adapted, [s.case for s in scans], save_adapted)
+                save_adapted_bundle(
+                    bundle, adapted, [s.case for s in scans], save_adapted, flips=adapt_config.view_flips
+                )
             progress(Phase.ADAPTING, 100.0)
 
         progress(Phase.SEGMENTING, 0.0)
@@ -203,7 +205,7 @@ def segment_batch(
                 )
             )
             results[-1].seconds = round(time.perf_counter() - start, 3)
-            _write_json(results[-1], bundle, method, adapted, flips)
+            _write_json(results[-1], bundle, method, adapted, flips, adapt_config.view_flips)
             progress(Phase.SEGMENTING, 100.0 * (i + 1) / len(scans))
     return results
 
@@ -272,13 +274,19 @@ def _segment_one(
 
 
 def _write_json(
-    result: ScanResult, bundle: Bundle, method: str, adapted: AdaptResult | None, flips: Sequence[int]
+    result: ScanResult,
+    bundle: Bundle,
+    method: str,
+    adapted: AdaptResult | None,
+    flips: Sequence[int],
+    adapted_flips: Sequence[int],
 ) -> None:
     record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
     record.update(
         model=bundle.ref,
         method=method,
         test_time_flips=list(flips),
+        adapted_flips=list(adapted_flips) if adapted else [],
         steps_run=adapted.steps_run if adapted else 0,
         adaptation_seconds=round(adapted.seconds, 3) if adapted else 0.0,
         adaptation_stopped_early=adapted.stopped_early if adapted else False,
@@ -290,9 +298,15 @@ def _write_json(
 
 
 def save_adapted_bundle(
-    bundle: Bundle, adapted: AdaptResult, cases: Sequence[str], out_dir: str | Path
+    bundle: Bundle,
+    adapted: AdaptResult,
+    cases: Sequence[str],
+    out_dir: str | Path,
+    *,
+    flips: Sequence[int] = (),
 ) -> Bundle:
-    """Save the adapted network as a new bundle whose card names its parent and the batch."""
+    """Save the adapted network as a new bundle whose card names its parent and the batch, and asks for the flip
+    ensemble along ``flips``, the axes its views were mirrored along."""
     card = bundle.card
     parent = {
         "name": card.name,
@@ -304,6 +318,10 @@ def save_adapted_bundle(
     }
     batch_id = hashlib.sha256("\n".join(cases).encode()).hexdigest()[:8]
     new_card = card.model_copy(
-        update={"version": f"{card.version}-{adapted.method}-{batch_id}", "parent": parent}
+        update={
+            "version": f"{card.version}-{adapted.method}-{batch_id}",
+            "parent": parent,
+            "test_time_flips": tuple(flips),
+        }
     )
     return save_bundle(adapted.net, new_card, out_dir)

@@ -374,15 +374,11 @@ def test_views_mirrored_at_random_keep_image_box_and_labels_together():
     assert len(set(combos)) == 4  # every combination of the two axes occurs in 16 views
 
 
-def test_adaptation_mirrors_its_views_along_the_flip_ensemble(tiny_bundle, shifted, tmp_path, monkeypatch):
+def test_adapted_network_is_ensembled_along_the_axes_its_views_were_mirrored(
+    tiny_bundle, shifted, tmp_path, monkeypatch
+):
     import models.adaptation
-    from models.pipeline import segment_settings
-
-    card = tiny_bundle.card
-    assert segment_settings(card).adapt.view_flips == card.test_time_flips == ()
-    assert segment_settings(card, flips=[1, 2]).adapt.view_flips == (1, 2)
-    own = AdaptConfig(view_flips=())  # settings that name their own mirroring keep it
-    assert segment_settings(card, adapt_config=own, flips=[1, 2]).adapt.view_flips == ()
+    from models.bundle import load_bundle
 
     axes = []
     real = models.adaptation.mirror_randomly
@@ -391,7 +387,16 @@ def test_adaptation_mirrors_its_views_along_the_flip_ensemble(tiny_bundle, shift
     )
     tiny = FAST.model_copy(update={"steps": 2, "min_steps": 1, "restarts": 0})
     inputs = [img for img, _ in shifted[:2]]
-    segment_batch(inputs, tiny_bundle, tmp_path / "plain", method="mpl", adapt_config=tiny)
-    assert axes == []
-    segment_batch(inputs, tiny_bundle, tmp_path / "flips", method="mpl", adapt_config=tiny, flips=[1, 2])
+    # the source model's ensemble alone: the adapted network saw no mirror image and predicts once
+    plain = segment_batch(inputs, tiny_bundle, tmp_path / "a", method="mpl", adapt_config=tiny, flips=[1, 2])
+    record = json.loads(plain[0].json_path.read_text())
+    assert axes == [] and record["test_time_flips"] == [1, 2] and record["adapted_flips"] == []
+    mirrored = tiny.model_copy(update={"view_flips": (1, 2)})
+    saved = tmp_path / "adapted"
+    both = segment_batch(
+        inputs, tiny_bundle, tmp_path / "b", method="mpl", adapt_config=mirrored, save_adapted=saved
+    )
+    record = json.loads(both[0].json_path.read_text())
     assert axes and set(axes) == {(1, 2)}
+    assert record["test_time_flips"] == [] and record["adapted_flips"] == [1, 2]
+    assert load_bundle(saved).card.test_time_flips == (1, 2)  # the saved network keeps its ensemble
