@@ -458,6 +458,36 @@ def record_volumes(
         console.print(f"{name}: {lo:.1f} - {hi:.1f} mL")
 
 
+@app.command("flips")
+def set_flips(
+    bundle: Annotated[Path, typer.Argument(help="bundle folder whose model card to change")],
+    axes: Annotated[
+        list[int] | None, typer.Argument(help="in-plane axes (1: y, 2: x); none: one prediction")
+    ] = None,
+    version: Annotated[
+        str, typer.Option(help="the card's new version: the bundle now segments differently")
+    ] = "",
+) -> None:
+    """Set the flip ensemble with which the bundle's source model segments, as a new version of its card."""
+    from pydantic import ValidationError
+
+    from models.bundle import BundleError, load_bundle, write_card
+
+    try:
+        found = load_bundle(bundle)
+        card = found.card.model_validate(
+            {
+                **found.card.model_dump(),
+                "test_time_flips": axes or [],
+                "version": version or found.card.version,
+            }
+        )
+    except (BundleError, ValidationError) as exc:
+        raise _fail(exc) from exc
+    write_card(card, found.path)
+    console.print(f"{card.name}:{card.version} segments with flips {list(card.test_time_flips) or 'none'}")
+
+
 @app.command("models")
 def list_models(bundles: Bundles = None) -> None:
     """List the bundles that `--model NAME` resolves; a broken bundle is an error that names it."""

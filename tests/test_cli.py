@@ -138,3 +138,19 @@ def test_progress_report_lines_show_steps_and_time_left():
     assert len(lines) == 11 and lines[0] == "training 0% (0/1000 steps, loss 1.000)"
     assert lines[1].startswith("training 10% (100/1000 steps, ") and "left, loss 0.010)" in lines[1]
     assert lines[-1].startswith("training 100% (1000/1000 steps, ") and "left" not in lines[-1]
+
+
+def test_flips_sets_the_source_ensemble_as_a_new_card_version(tiny_bundle, tmp_path):
+    from models.bundle import load_bundle
+
+    folder = shutil.copytree(tiny_bundle.path, tmp_path / "bundle")
+    result = runner.invoke(app, ["flips", str(folder), "1", "2", "--version", "2"])
+    assert result.exit_code == 0, result.output
+    card = load_bundle(folder).card  # weights and ONNX untouched: the checksums still hold
+    assert card.test_time_flips == (1, 2) and card.version == "2"
+    assert card.weights_sha256 == tiny_bundle.card.weights_sha256
+    bad = runner.invoke(app, ["flips", str(folder), "3"])
+    assert bad.exit_code == 2 and "test_time_flips" in bad.output
+    assert load_bundle(folder).card.test_time_flips == (1, 2)  # a refused change leaves the card as it was
+    assert runner.invoke(app, ["flips", str(folder)]).exit_code == 0
+    assert load_bundle(folder).card.test_time_flips == ()
