@@ -471,11 +471,11 @@ def set_flips(
     """Set the flip ensemble with which the bundle's source model segments, as a new version of its card."""
     from pydantic import ValidationError
 
-    from models.bundle import BundleError, load_bundle, write_card
+    from models.bundle import BundleError, ModelCard, load_bundle, write_card
 
     try:
         found = load_bundle(bundle)
-        card = found.card.model_validate(
+        card = ModelCard.model_validate(
             {
                 **found.card.model_dump(),
                 "test_time_flips": axes or [],

@@ -78,7 +78,7 @@ def segment_settings(
     largest_component = LargestComponent(largest_component or card.largest_component)
     flips = card.test_time_flips if flips is None else tuple(flips)
     adapt_config = (adapt_config or AdaptConfig()).with_anatomy(largest_component)
-    return SegmentSettings(largest_component, tuple(flips), adapt_config)
+    return SegmentSettings(largest_component, flips, adapt_config)
 
 
 def load_scans(
