@@ -18,6 +18,7 @@ import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -47,6 +48,8 @@ class AdaptConfig(MplConfig):
     tent_lr: float = 1e-3
     norm_batches: int = 12
     mpl_norm_statistics: bool = True
+    # what the mpl student learns: every weight, or only the normalisation layers' affine parameters (as tent)
+    mpl_parameters: Literal["all", "norm"] = "all"
     min_steps: int = 20
     settle_window: int = 30
     settle_tolerance: float = 0.02
@@ -92,6 +95,13 @@ def _norm_affine_parameters(net: nn.Module) -> list[nn.Parameter]:
     return [
         p for m in net.modules() if isinstance(m, NORM_LAYERS) for p in (m.weight, m.bias) if p is not None
     ]
+
+
+def _learn_only(net: nn.Module, params: Sequence[nn.Parameter]) -> None:
+    """Let gradients reach ``params`` only; ``net.parameters()`` lets them reach every weight again."""
+    learnt = {id(p) for p in params}
+    for p in net.parameters():
+        p.requires_grad_(id(p) in learnt)
 
 
 def _device(net: nn.Module) -> torch.device:
@@ -151,10 +161,7 @@ def _tent(
 ) -> AdaptResult:
     reestimate_norm_statistics(net, volumes, patch, cfg)
     params = _norm_affine_parameters(net)
-    for p in net.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
+    _learn_only(net, params)
     opt = torch.optim.Adam(params, lr=cfg.tent_lr)
     rng = np.random.default_rng(cfg.seed)
     dev = _device(net)
@@ -172,8 +179,7 @@ def _tent(
         result.steps_run = step + 1
         result.snapshot(step + 1, net, snapshot_steps)
         progress(100.0 * (step + 1) / steps)
-    for p in net.parameters():
-        p.requires_grad_(True)
+    _learn_only(net, list(net.parameters()))
     net.eval()
     return result
 
@@ -204,7 +210,9 @@ def _mpl(
         p.requires_grad_(False)
     # normalisation statistics stay those of the target batch: the masked views must not shift them
     student.eval()
-    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+    learnt = _norm_affine_parameters(student) if cfg.mpl_parameters == "norm" else list(student.parameters())
+    _learn_only(student, learnt)
+    opt = torch.optim.Adam(learnt, lr=cfg.lr)
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     dev = _device(student)
@@ -234,6 +242,7 @@ def _mpl(
             result.stopped_early = True
             progress(100.0)
             break
+    _learn_only(student, list(student.parameters()))
     teacher.eval()
     return result
 

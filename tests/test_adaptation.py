@@ -400,3 +400,36 @@ def test_adapted_network_is_ensembled_along_the_axes_its_views_were_mirrored(
     assert axes and set(axes) == {(1, 2)}
     assert record["test_time_flips"] == [] and record["adapted_flips"] == [1, 2]
     assert load_bundle(saved).card.test_time_flips == (1, 2)  # the saved network keeps its ensemble
+
+
+def test_mpl_learns_only_the_normalisation_layers_when_asked(tiny_bundle, shifted):
+    import torch
+
+    from models.adaptation import NORM_LAYERS
+    from models.pipeline import load_scans
+
+    volumes = [s.array for s in load_scans([img for img, _ in shifted], tiny_bundle, None)]
+    net = tiny_bundle.load_network()
+    source = net.state_dict()
+    norm_names = {
+        f"{module_name}.{param_name}"
+        for module_name, module in net.named_modules()
+        if isinstance(module, NORM_LAYERS)
+        for param_name, _ in module.named_parameters(recurse=False)
+    }
+    assert norm_names, "the network has no normalisation parameters to learn"
+
+    def moved(parameters: str) -> set[str]:
+        cfg = FAST.model_copy(update={"source_weight": 0.0, "mpl_parameters": parameters})
+        adapted = adapt(net, volumes, tiny_bundle.card.patch_size, method="mpl", steps=3, cfg=cfg).net
+        # the teacher's EMA of an unchanged weight rounds it by a few ulp, far below what 3 steps learn
+        return {
+            name
+            for name, w in adapted.state_dict().items()
+            if w.is_floating_point() and not torch.allclose(w, source[name], rtol=1e-5, atol=1e-8)
+        }
+
+    only_norm = moved("norm")
+    assert only_norm and only_norm <= norm_names
+    assert moved("all") - norm_names, "every weight learns by default"
+    assert all(p.requires_grad for p in net.parameters())
