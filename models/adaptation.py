@@ -48,7 +48,8 @@ class AdaptConfig(MplConfig):
     tent_lr: float = 1e-3
     norm_batches: int = 12
     mpl_norm_statistics: bool = True
-    # what the mpl student learns: every weight, or only the normalisation layers' affine parameters (as tent)
+    # what the mpl student learns: every weight, or only the normalisation layers' affine parameters (as tent; an
+    # ablation: it lost more on ACDC -> bSSFP and repaired LGE less, docs/benchmarks.md)
     mpl_parameters: Literal["all", "norm"] = "all"
     min_steps: int = 20
     settle_window: int = 30
