@@ -45,6 +45,7 @@ from trainer.train import (
     LAST,
     StepProgress,
     TrainRun,
+    keep_best,
     one_cycle,
     recipe_augmentation,
     resume_checkpoint,
@@ -462,12 +463,8 @@ def train_semi(
             (work / HISTORY).write_text(json.dumps(history, indent=2))
         status = f"loss {loss.item():.3f}, {len(pool.members)} reliable"
         progress(step, status + (f", best Dice {best['dice_mean']:.3f}" if val_cases else ""))
-    teacher.cpu()
-    if val_cases:
-        teacher.load_state_dict(torch.load(work / BEST, map_location="cpu", weights_only=True))
-        validation = {"split": "held-out labelled cases of the labelled domain, model grid", **best}
-    else:
-        validation = {"split": "none: no held-out cases, the bundle holds the last step's weights"}
+    split = "held-out labelled cases of the labelled domain, model grid"
+    validation = keep_best(teacher, work, best, split if val_cases else None)
     return run.write_bundle(
         teacher,
         cfg,

@@ -49,6 +49,16 @@ def validate(net: GlobalLocalUNet, cases: Sequence[TrainingCase], patch, n_class
     }
 
 
+def keep_best(net: torch.nn.Module, work: Path, best: dict, split: str | None) -> dict:
+    """Load the best validated weights of a run in ``work`` into ``net`` (on the CPU) and return the card's
+    validation entry; with no held-out cases (``split`` None) ``net`` keeps the last step's weights."""
+    net.cpu()
+    if split is None:
+        return {"split": "none: no held-out cases, the bundle holds the last step's weights"}
+    net.load_state_dict(torch.load(work / BEST, map_location="cpu", weights_only=True))
+    return {"split": split, **best}
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """``torch.save`` through a temporary file, so that an interrupted run never leaves half a checkpoint."""
     tmp = path.with_suffix(".tmp")
@@ -286,12 +296,7 @@ def train_source(
             (work / HISTORY).write_text(json.dumps(history, indent=2))
         status = f"loss {loss.item():.3f}" + (f", best Dice {best['dice_mean']:.3f}" if val_cases else "")
         progress(step, status)
-    net.cpu()
-    if val_cases:
-        net.load_state_dict(torch.load(work / BEST, map_location="cpu", weights_only=True))
-        validation = {"split": "held-out source cases, model grid", **best}
-    else:
-        validation = {"split": "none: no held-out cases, the bundle holds the last step's weights"}
+    validation = keep_best(net, work, best, "held-out source cases, model grid" if val_cases else None)
     return run.write_bundle(
         net,
         cfg,
