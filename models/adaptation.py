@@ -99,7 +99,7 @@ def _norm_affine_parameters(net: nn.Module) -> list[nn.Parameter]:
 
 
 def _learn_only(net: nn.Module, params: Sequence[nn.Parameter]) -> None:
-    """Let gradients reach ``params`` only; ``net.parameters()`` lets them reach every weight again."""
+    """Let gradients reach ``params`` only (``net.requires_grad_(True)`` lets them reach every weight again)."""
     learnt = {id(p) for p in params}
     for p in net.parameters():
         p.requires_grad_(id(p) in learnt)
@@ -180,7 +180,7 @@ def _tent(
         result.steps_run = step + 1
         result.snapshot(step + 1, net, snapshot_steps)
         progress(100.0 * (step + 1) / steps)
-    _learn_only(net, list(net.parameters()))
+    net.requires_grad_(True)
     net.eval()
     return result
 
@@ -243,7 +243,7 @@ def _mpl(
             result.stopped_early = True
             progress(100.0)
             break
-    _learn_only(student, list(student.parameters()))
+    student.requires_grad_(True)
     teacher.eval()
     return result
 
