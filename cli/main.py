@@ -439,23 +439,58 @@ def record_volumes(
 ) -> None:
     """Record in the card each structure's volume range over its training cases (the guard's anatomy prior)."""
     from models.bundle import load_bundle, write_card
-    from trainer.data import load_cases, source_volume_ranges
+    from trainer.data import source_volume_ranges
+
+    found = load_bundle(bundle)
+    cases = _card_cases(found.card, "train_cases", images, labels)
+    ranges = source_volume_ranges(cases, found.card.labels)
+    write_card(found.card.model_copy(update={"label_volumes_ml": ranges}), found.path)
+    for name, (lo, hi) in ranges.items():
+        console.print(f"{name}: {lo:.1f} - {hi:.1f} mL")
+
+
+@app.command("record-entropy")
+def record_entropy(
+    bundle: Annotated[Path, typer.Argument(help="bundle folder whose model card to complete")],
+    images: Annotated[Path, typer.Option(help="the source scans: prepared .npz, folder or CSV")],
+    labels: Annotated[Path | None, typer.Option(help="folder of label maps named like the images")] = None,
+) -> None:
+    """Record in the card the network's mean foreground entropy on its held-out source cases, the reference of
+    test-time `mpl`'s shift gate (training records it itself; this completes an older card)."""
+    from models.bundle import load_bundle, write_card
+    from trainer.train import validate
 
     found = load_bundle(bundle)
     card = found.card
-    wanted = set(card.training.get("train_cases", []))
-    cfg = TrainConfig(target_spacing=card.target_spacing, normalisation=card.normalisation)
+    entry = validate(
+        found.load_network(),
+        _card_cases(card, "val_cases", images, labels),
+        card.patch_size,
+        len(card.labels),
+    )
+    validation = {**card.validation, "foreground_entropy": entry["foreground_entropy"]}
+    write_card(card.model_copy(update={"validation": validation}), found.path)
+    console.print(
+        f"held-out Dice {entry['dice_mean']:.4f} (card {card.validation.get('dice_mean', float('nan')):.4f}), "
+        f"foreground entropy {entry['foreground_entropy']:.4f}"
+    )
+
+
+def _card_cases(card, key: str, images: Path, labels: Path | None) -> list:
+    """The labelled cases of ``images`` that the card's ``training[key]`` names, on the card's grid; every one of
+    them must be there."""
+    from trainer.data import load_cases
+
+    wanted = set(card.training.get(key, []))
     cases = [
         c
-        for c in load_cases(images, labels, card.labels, cfg.target_spacing, cfg.normalisation)
+        for c in load_cases(images, labels, card.labels, card.target_spacing, card.normalisation)
         if c.case in wanted
     ]
     if not wanted or len(cases) != len(wanted):
-        raise typer.BadParameter(f"{images} holds {len(cases)} of the card's {len(wanted)} training cases")
-    ranges = source_volume_ranges(cases, card.labels)
-    write_card(card.model_copy(update={"label_volumes_ml": ranges}), found.path)
-    for name, (lo, hi) in ranges.items():
-        console.print(f"{name}: {lo:.1f} - {hi:.1f} mL")
+        what = {"train_cases": "training cases", "val_cases": "held-out cases"}[key]
+        raise typer.BadParameter(f"{images} holds {len(cases)} of the card's {len(wanted)} {what}")
+    return cases
 
 
 @app.command("flips")

@@ -25,6 +25,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from models.inference import predict_volume, torch_predictor
 from models.mpl import ema_update, mpl_pseudo_labels, mpl_student_loss
 from models.mpl_config import MplConfig
 from models.network import GlobalLocalUNet
@@ -63,6 +64,11 @@ class AdaptConfig(MplConfig):
     # ensembling, as WiSE-FT): a share of what the source segments well is kept. Not tent: its blend shrinks a
     # structure less than the guard's limit, so a scan the guard returns to the source slips through
     source_weight: float = Field(0.25, ge=0.0, lt=1.0)
+    # mpl adapts only a batch on which the source network is less sure than on its held-out source cases: its mean
+    # foreground entropy over the batch must exceed this multiple of the card's (``validation.foreground_entropy``);
+    # a batch as familiar as its own domain is left to the source network (self-training lost on such batches,
+    # docs/benchmarks.md "Familiar batches"). None, or a card without the entry: always adapt
+    shift_ratio: float | None = Field(1.1, gt=0.0)
 
 
 @dataclass
@@ -76,6 +82,9 @@ class AdaptResult:
     stopped_early: bool = False
     restarts: int = 0
     collapsed: list[int] = field(default_factory=list)
+    # the source network's mean foreground entropy on the batch, the card's on held-out source cases, their ratio
+    shift: dict[str, float] = field(default_factory=dict)
+    skipped: bool = False  # the batch looked as familiar as the source domain: the network is the source's
     history: list[dict[str, float]] = field(default_factory=list)
     snapshots: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
@@ -144,6 +153,27 @@ def reestimate_norm_statistics(
     for bn in bns:
         bn.momentum = 0.1
     net.eval()
+
+
+def foreground_entropy(probs: np.ndarray | torch.Tensor) -> float:
+    """Mean normalised entropy (0-1) of class probabilities (C, ...) over the voxels whose argmax is a structure;
+    0 when there are none."""
+    p = torch.as_tensor(probs).float()
+    fg = p.argmax(0) > 0
+    if not fg.any():
+        return 0.0
+    entropy = -(p * torch.log(p.clamp_min(1e-8))).sum(0) / np.log(p.shape[0])
+    return float(entropy[fg].mean())
+
+
+def batch_foreground_entropy(
+    net: GlobalLocalUNet, volumes: Sequence[np.ndarray], patch: Sequence[int]
+) -> float:
+    """:func:`foreground_entropy` of ``net``'s sliding-window prediction of each volume (model grid), averaged
+    over the volumes: how unsure the network is of what it segments."""
+    net.eval()
+    predict = torch_predictor(net)
+    return float(np.mean([foreground_entropy(predict_volume(v, predict, patch)) for v in volumes]))
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -287,6 +317,58 @@ def collapsed_structures(source: np.ndarray, adapted: np.ndarray, cfg: AdaptConf
     return [c + 1 for c in range(len(present)) if present[c] and shrunk[c] >= cfg.collapse_scans * present[c]]
 
 
+def batch_shift(
+    net: GlobalLocalUNet,
+    volumes: Sequence[np.ndarray],
+    patch: Sequence[int],
+    cfg: AdaptConfig,
+    reference_entropy: float | None,
+) -> dict[str, float]:
+    """How much less sure ``net`` is of the batch than of its held-out source cases: the batch's
+    :func:`batch_foreground_entropy`, the reference and their ratio; empty when there is no gate to decide
+    (``cfg.shift_ratio`` unset, or no reference)."""
+    if cfg.shift_ratio is None or not reference_entropy:
+        return {}
+    entropy = batch_foreground_entropy(net, volumes, patch)
+    return {
+        "batch_entropy": round(entropy, 4),
+        "reference_entropy": round(reference_entropy, 4),
+        "ratio": round(entropy / reference_entropy, 3),
+    }
+
+
+def _mpl_with_restarts(
+    net: GlobalLocalUNet,
+    work: GlobalLocalUNet,
+    volumes: Sequence[np.ndarray],
+    patch: Sequence[int],
+    cfg: AdaptConfig,
+    steps: int,
+    progress: Progress,
+    snapshot_steps: Sequence[int],
+) -> AdaptResult:
+    """``mpl`` from ``work`` (a copy of ``net``), again from ``net`` with the next seed while a structure
+    collapses across the batch, up to ``cfg.restarts`` times."""
+    source_shares = structure_shares(work, volumes, patch) if cfg.restarts and steps else None
+    attempt_progress = progress if source_shares is None else (lambda pct: progress(min(pct, 99.0)))
+    run = cfg
+    for attempt in range(cfg.restarts + 1):
+        if attempt:  # a structure collapsed: start again from the source weights with the next seed
+            run = cfg.model_copy(update={"seed": cfg.seed + attempt})
+            torch.manual_seed(run.seed)
+            work = copy.deepcopy(net)
+        result = _mpl(work, volumes, patch, run, steps, attempt_progress, snapshot_steps)
+        result.restarts = attempt
+        if source_shares is None:
+            break
+        result.collapsed = collapsed_structures(
+            source_shares, structure_shares(result.net, volumes, patch), cfg
+        )
+        if not result.collapsed:
+            break
+    return result
+
+
 def adapt(
     net: GlobalLocalUNet,
     volumes: Sequence[np.ndarray],
@@ -297,10 +379,14 @@ def adapt(
     cfg: AdaptConfig | None = None,
     progress: Progress | None = None,
     snapshot_steps: Sequence[int] = (),
+    reference_entropy: float | None = None,
 ) -> AdaptResult:
     """Adapt a copy of ``net`` to the normalised target ``volumes`` (model grid, (z, y, x)) without labels.
 
     ``snapshot_steps``: keep the adapted weights after these numbers of updates (for Dice-vs-steps curves).
+    ``reference_entropy``: the source network's mean foreground entropy on its held-out source cases (the card's
+    ``validation.foreground_entropy``). With it, ``mpl`` first measures the batch's (:func:`batch_shift`) and
+    leaves the network as it is, ``skipped``, unless the batch's exceeds ``cfg.shift_ratio`` times the reference.
     ``mpl`` compares each structure's share of every scan before and after adapting; if one collapsed across the
     batch (``collapsed_structures``) it adapts again from the source weights with the next seed, up to
     ``cfg.restarts`` times, and reports the restarts and any structure still collapsed. Progress reaches 100 once,
@@ -327,24 +413,14 @@ def adapt(
     elif method is Method.TENT:
         result = _tent(work, volumes, patch, cfg, steps, progress, snapshot_steps)
     else:
-        source_shares = structure_shares(work, volumes, patch) if cfg.restarts and steps else None
-        attempt_progress = progress if source_shares is None else (lambda pct: progress(min(pct, 99.0)))
-        run = cfg
-        for attempt in range(cfg.restarts + 1):
-            if attempt:  # a structure collapsed: start again from the source weights with the next seed
-                run = cfg.model_copy(update={"seed": cfg.seed + attempt})
-                torch.manual_seed(run.seed)
-                work = copy.deepcopy(net)
-            result = _mpl(work, volumes, patch, run, steps, attempt_progress, snapshot_steps)
-            result.restarts = attempt
-            if source_shares is None:
-                break
-            result.collapsed = collapsed_structures(
-                source_shares, structure_shares(result.net, volumes, patch), cfg
-            )
-            if not result.collapsed:
-                break
-    if method is Method.MPL and cfg.source_weight:
+        shift = batch_shift(work, volumes, patch, cfg, reference_entropy) if steps else {}
+        if shift and shift["ratio"] <= cfg.shift_ratio:
+            result = AdaptResult(net=work.eval(), method=method, shift=shift, skipped=True)
+            result.snapshot(0, work, snapshot_steps)
+        else:
+            result = _mpl_with_restarts(net, work, volumes, patch, cfg, steps, progress, snapshot_steps)
+            result.shift = shift
+    if method is Method.MPL and cfg.source_weight and not result.skipped:
         source = net.state_dict()
         result.net.load_state_dict(blend_weights(source, result.net.state_dict(), cfg.source_weight))
         result.snapshots = {

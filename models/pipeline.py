@@ -144,6 +144,10 @@ def segment_batch(
     ``<case>_uncertainty.nii.gz``. Both are named in the case's JSON (``source_label_file``,
     ``uncertainty_file``).
 
+    ``mpl`` leaves a batch that the source network is as sure of as of its held-out source cases to the source
+    network (``AdaptConfig.shift_ratio``): nothing is adapted, saved or compared, every scan is a fallback whose
+    reason says so, and its JSON has ``adaptation_skipped`` and the ``adaptation_shift``.
+
     ``largest_component``: connected-component clean-up of the label maps (default: the model card's); unless
     ``adapt_config`` says otherwise, ``mpl`` cleans its pseudo-labels up the same way. ``flips``: the axes of
     the source model's flip ensemble (default: the card's). An adapted network segments with the ensemble along
@@ -175,15 +179,19 @@ def segment_batch(
                 steps=steps,
                 cfg=adapt_config,
                 progress=lambda p: progress(Phase.ADAPTING, p),
+                reference_entropy=card.validation.get("foreground_entropy"),
             )
-            predictor = flip_ensemble(
-                onnx_predictor(onnx_session(export_onnx(adapted.net, patch, Path(tmp) / "a.onnx"), device)),
-                adapt_config.view_flips,
-            )
-            if save_adapted:
-                save_adapted_bundle(
-                    bundle, adapted, [s.case for s in scans], save_adapted, flips=adapt_config.view_flips
+            if not adapted.skipped:
+                predictor = flip_ensemble(
+                    onnx_predictor(
+                        onnx_session(export_onnx(adapted.net, patch, Path(tmp) / "a.onnx"), device)
+                    ),
+                    adapt_config.view_flips,
                 )
+                if save_adapted:
+                    save_adapted_bundle(
+                        bundle, adapted, [s.case for s in scans], save_adapted, flips=adapt_config.view_flips
+                    )
             progress(Phase.ADAPTING, 100.0)
 
         progress(Phase.SEGMENTING, 0.0)
@@ -196,7 +204,7 @@ def segment_batch(
                     names=card.labels,
                     patch=patch,
                     source=source,
-                    adapted_predictor=predictor if adapted else None,
+                    adapted_predictor=predictor if adapted and not adapted.skipped else None,
                     out_dir=out_dir,
                     guard_config=guard_config,
                     source_ranges=card.label_volumes_ml,
@@ -205,9 +213,20 @@ def segment_batch(
                 )
             )
             results[-1].seconds = round(time.perf_counter() - start, 3)
+            if adapted and adapted.skipped:
+                results[-1].fallback, results[-1].fallback_reason = True, _not_adapted(adapted, adapt_config)
             _write_json(results[-1], bundle, method, adapted, flips, adapt_config.view_flips)
             progress(Phase.SEGMENTING, 100.0 * (i + 1) / len(scans))
     return results
+
+
+def _not_adapted(adapted: AdaptResult, cfg: AdaptConfig) -> str:
+    shift = adapted.shift
+    return (
+        "not adapted: the source model is as sure of this batch as of its held-out source cases (foreground "
+        f"entropy {shift['batch_entropy']:.3f} against {shift['reference_entropy']:.3f}, ratio {shift['ratio']:.2f}"
+        f" <= {cfg.shift_ratio})"
+    )
 
 
 def _to_labels(probs: np.ndarray, largest_component: LargestComponent) -> tuple[np.ndarray, float]:
@@ -286,12 +305,14 @@ def _write_json(
         model=bundle.ref,
         method=method,
         test_time_flips=list(flips),
-        adapted_flips=list(adapted_flips) if adapted else [],
+        adapted_flips=list(adapted_flips) if adapted and not adapted.skipped else [],
         steps_run=adapted.steps_run if adapted else 0,
         adaptation_seconds=round(adapted.seconds, 3) if adapted else 0.0,
         adaptation_stopped_early=adapted.stopped_early if adapted else False,
         adaptation_restarts=adapted.restarts if adapted else 0,
         adaptation_collapsed=[bundle.card.labels[c] for c in adapted.collapsed] if adapted else [],
+        adaptation_skipped=adapted.skipped if adapted else False,
+        adaptation_shift=adapted.shift if adapted else {},
         adaptation_signals=adapted.history[-1] if adapted and adapted.history else {},
     )
     result.json_path.write_text(json.dumps(record, indent=2) + "\n")

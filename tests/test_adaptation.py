@@ -44,6 +44,51 @@ def test_mpl_improves_over_source_on_shifted_domain(tiny_bundle, shifted, tmp_pa
     record = json.loads((tmp_path / "mpl" / "case00.json").read_text())
     assert record["method"] == "mpl" and record["steps_run"] == FAST.steps
     assert {"loss", "agreement", "teacher_entropy"} <= set(record["adaptation_signals"])
+    # the noisier scanner leaves the source network less sure than on its held-out cases: the gate adapts
+    assert not record["adaptation_skipped"] and record["adaptation_shift"]["ratio"] > FAST.shift_ratio
+
+
+def test_mpl_leaves_a_batch_as_familiar_as_the_source_domain_to_the_source_network(
+    tiny_bundle, phantom_dir, tmp_path
+):
+    reference = tiny_bundle.card.validation["foreground_entropy"]
+    assert 0.0 < reference < 1.0  # training recorded it on the held-out source cases
+    inputs = sorted((phantom_dir / "images").iterdir())[6:]  # the held-out source phantoms themselves
+    none = segment_batch(inputs, tiny_bundle, tmp_path / "none", method="none")
+    mpl = segment_batch(
+        inputs,
+        tiny_bundle,
+        tmp_path / "mpl",
+        method="mpl",
+        adapt_config=FAST,
+        save_adapted=tmp_path / "adapted",
+    )
+    record = json.loads(mpl[0].json_path.read_text())
+    assert record["adaptation_skipped"] and record["steps_run"] == 0
+    assert record["adaptation_shift"]["reference_entropy"] == round(reference, 4)
+    assert record["adaptation_shift"]["ratio"] == pytest.approx(1.0, abs=0.02)
+    for a, b in zip(none, mpl, strict=True):
+        assert np.array_equal(_labels(a.label_path), _labels(b.label_path))
+        assert b.source_label_file is None and b.fallback and b.fallback_reason.startswith("not adapted")
+    assert not (tmp_path / "adapted").exists()  # nothing adapted, nothing to keep
+    # without the gate the same batch adapts
+    ungated = segment_batch(
+        inputs,
+        tiny_bundle,
+        tmp_path / "ungated",
+        method="mpl",
+        adapt_config=FAST.model_copy(update={"shift_ratio": None}),
+    )
+    record = json.loads(ungated[0].json_path.read_text())
+    assert (
+        record["steps_run"] == FAST.steps
+        and not record["adaptation_skipped"]
+        and record["adaptation_shift"] == {}
+    )
+
+
+def _labels(path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
 
 def test_flip_ensemble_segments_every_scan_and_is_recorded(tiny_bundle, shifted, tmp_path):

@@ -274,3 +274,28 @@ def test_card_records_the_source_volume_range_and_record_volumes_restores_it(
     result = CliRunner().invoke(app, ["record-volumes", str(bundle_dir), "--images", str(partial)])
     assert result.exit_code == 2 and "training cases" in result.output
     assert load_bundle(bundle_dir).card.label_volumes_ml == ranges
+
+
+def test_card_records_the_held_out_foreground_entropy_and_record_entropy_restores_it(
+    tiny_bundle, phantom_dir, tmp_path
+):
+    import shutil
+
+    from models.bundle import load_bundle, write_card
+
+    entropy = tiny_bundle.card.validation["foreground_entropy"]
+    assert 0.0 < entropy < 1.0
+    bundle_dir = tmp_path / "phantom"
+    shutil.copytree(tiny_bundle.path, bundle_dir)
+    older = {k: v for k, v in tiny_bundle.card.validation.items() if k != "foreground_entropy"}
+    write_card(tiny_bundle.card.model_copy(update={"validation": older}), bundle_dir)
+    args = ["record-entropy", str(bundle_dir), "--images", str(phantom_dir / "images")]
+    result = CliRunner().invoke(app, [*args, "--labels", str(phantom_dir / "labels")])
+    assert result.exit_code == 0, result.output
+    assert load_bundle(bundle_dir).card.validation == {**older, "foreground_entropy": pytest.approx(entropy)}
+    # the held-out cases must all be there
+    pairs = labelled_pairs(phantom_dir / "images", phantom_dir / "labels")[:2]
+    partial = tmp_path / "partial.csv"
+    partial.write_text("image,label\n" + "".join(f"{i},{lab}\n" for i, lab in pairs))
+    result = CliRunner().invoke(app, ["record-entropy", str(bundle_dir), "--images", str(partial)])
+    assert result.exit_code == 2 and "held-out cases" in result.output

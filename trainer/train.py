@@ -15,6 +15,7 @@ from monai.losses import DiceCELoss
 from monai.transforms import Compose
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from models.adaptation import foreground_entropy
 from models.bundle import CARD_FILE, Bundle, ModelCard, read_card, save_bundle
 from models.guard import VolumeRanges, dice_per_class
 from models.inference import predict_volume, torch_predictor
@@ -32,20 +33,21 @@ MAE_LAST, MAE_WEIGHTS = "mae_last.pt", "mae.pt"
 
 
 def validate(net: GlobalLocalUNet, cases: Sequence[TrainingCase], patch, n_classes: int) -> dict[str, float]:
-    """Dice per class and mean on the model grid of labelled validation cases."""
+    """Dice per class and mean on the model grid of labelled validation cases, and the network's mean
+    foreground entropy on them (the reference of test-time ``mpl``'s shift gate, ``AdaptConfig.shift_ratio``)."""
     net.eval()
     predict = torch_predictor(net)
-    scores = np.array(
-        [
-            dice_per_class(predict_volume(c.image, predict, patch).argmax(0), c.labels, n_classes)
-            for c in cases
-        ]
-    )
-    per_class = np.nanmean(scores, axis=0)
+    scores, entropies = [], []
+    for c in cases:
+        probs = predict_volume(c.image, predict, patch)
+        scores.append(dice_per_class(probs.argmax(0), c.labels, n_classes))
+        entropies.append(foreground_entropy(probs))
+    per_class = np.nanmean(np.array(scores), axis=0)
     net.train()
     return {
         "dice_mean": float(np.nanmean(per_class)),
         **{f"dice_{k + 1}": float(v) for k, v in enumerate(per_class)},
+        "foreground_entropy": float(np.mean(entropies)),
     }
 
 
