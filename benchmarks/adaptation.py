@@ -86,7 +86,16 @@ def run_method(
         "seconds_segment": round(total - phases.get("adapting", 0.0), 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 0),
         "scans": {r.case: {"quality": r.quality, "fallback": r.fallback_reason} for r in results},
-        **{k: record[k] for k in ("steps_run", "adaptation_restarts", "adaptation_collapsed")},
+        **{
+            k: record[k]
+            for k in (
+                "steps_run",
+                "adaptation_restarts",
+                "adaptation_collapsed",
+                "adaptation_skipped",
+                "adaptation_shift",
+            )
+        },
     }
 
 
@@ -280,6 +289,13 @@ def print_table(report: dict) -> None:
         "\nper labelled scan, mean Dice: "
         + "; ".join(f"{n} {np.round(v, 3).tolist()}" for n, v in per_case.items())
     )
+    for name, run in methods.items():
+        if shift := run.get("adaptation_shift"):
+            print(
+                f"{name}: source foreground entropy {shift['batch_entropy']:.3f} on the batch, "
+                f"{shift['reference_entropy']:.3f} held out, ratio {shift['ratio']:.2f}: "
+                + ("not adapted" if run["adaptation_skipped"] else "adapted")
+            )
 
 
 if __name__ == "__main__":

@@ -166,7 +166,7 @@ def segment_batch(
     source = flip_ensemble(onnx_predictor(onnx_session(bundle.onnx_path, device)), flips)
 
     adapted: AdaptResult | None = None
-    predictor = source
+    predictor = None  # the adapted network's, when there is one
     with tempfile.TemporaryDirectory() as tmp:
         if method.adapts:
             progress(Phase.ADAPTING, 0.0)
@@ -204,7 +204,7 @@ def segment_batch(
                     names=card.labels,
                     patch=patch,
                     source=source,
-                    adapted_predictor=predictor if adapted and not adapted.skipped else None,
+                    adapted_predictor=predictor,
                     out_dir=out_dir,
                     guard_config=guard_config,
                     source_ranges=card.label_volumes_ml,

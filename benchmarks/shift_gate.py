@@ -1,0 +1,118 @@
+"""How familiar each batch looks to its source network: the shift gate of test-time ``mpl``.
+
+For every batch asked for, the source network's mean foreground entropy on each scan (model grid, as the gate
+measures it, :func:`models.adaptation.foreground_entropy`), the batch's mean over the card's reference (its
+held-out source cases, ``validation.foreground_entropy``), and in how many of the batch's subsets of 5 and 10
+scans the gate would adapt (ratio above ``AdaptConfig.shift_ratio``). No label is read. Prints a table and writes
+JSON.
+
+    .venv/bin/python -m benchmarks.shift_gate --out benchmarks/results/shift-gate.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import RESULTS, command, machine, task_bundle, task_inputs, write_json
+
+# (task, skip, limit): each source's held-out cases, the batches of the task tables, the 10 held-back bSSFP scans
+BATCHES = [
+    ("acdc-acdc", 54, 6),
+    ("bssfp-bssfp", 20, 5),
+    ("acdc-bssfp", 0, 15),
+    ("acdc-bssfp", 15, 10),
+    ("acdc-lge", 0, 15),
+    ("bssfp-lge", 0, 15),
+]
+SUBSET_SIZES = (5, 10)
+
+
+def scan_entropies(task: str, skip: int, limit: int) -> dict[str, float]:
+    """The task's source network's mean foreground entropy on each scan of the batch."""
+    from models.adaptation import foreground_entropy
+    from models.inference import predict_volume, torch_predictor
+    from models.pipeline import load_scans
+
+    bundle = task_bundle(task)
+    inputs, _ = task_inputs(task, skip=skip, limit=limit)
+    predict = torch_predictor(bundle.load_network().eval())
+    return {
+        s.case: round(foreground_entropy(predict_volume(s.array, predict, bundle.card.patch_size)), 4)
+        for s in load_scans(inputs, bundle, None)
+    }
+
+
+def adapted_share(entropies: list[float], reference: float, threshold: float, size: int) -> float | None:
+    """The share of the batch's subsets of ``size`` scans whose mean entropy exceeds ``threshold`` x reference."""
+    if size >= len(entropies):
+        return None
+    values = np.asarray(entropies)
+    subsets = list(itertools.combinations(range(len(values)), size))
+    return round(float(np.mean([values[list(c)].mean() > threshold * reference for c in subsets])), 3)
+
+
+def main() -> None:
+    from models.adaptation import AdaptConfig
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS / "shift-gate.json")
+    args = parser.parse_args()
+    threshold = AdaptConfig().shift_ratio
+    rows = []
+    for task, skip, limit in BATCHES:
+        card = task_bundle(task).card
+        reference = card.validation["foreground_entropy"]
+        per_scan = scan_entropies(task, skip, limit)
+        mean = float(np.mean(list(per_scan.values())))
+        rows.append(
+            {
+                "task": task,
+                "skip": skip,
+                "limit": limit,
+                "bundle": f"{card.name}:{card.version}",
+                "reference_entropy": round(reference, 4),
+                "batch_entropy": round(mean, 4),
+                "ratio": round(mean / reference, 3),
+                "adapted": mean > threshold * reference,
+                **{
+                    f"adapted_share_of_{n}": adapted_share(list(per_scan.values()), reference, threshold, n)
+                    for n in SUBSET_SIZES
+                },
+                "scans": per_scan,
+            }
+        )
+        print(f"{task} --skip {skip} --limit {limit}: ratio {rows[-1]['ratio']:.2f}", flush=True)
+    print(
+        f"\nshift gate: adapt when the batch's foreground entropy > {threshold} x the held-out source cases'\n"
+    )
+    print(
+        "| batch | bundle | held-out entropy | batch entropy | ratio | adapted | "
+        + " | ".join(f"subsets of {n} adapted" for n in SUBSET_SIZES)
+        + " |"
+    )
+    print("|" + "---|" * (6 + len(SUBSET_SIZES)))
+    for r in rows:
+        shares = [r[f"adapted_share_of_{n}"] for n in SUBSET_SIZES]
+        print(
+            f"| {r['task']} (--skip {r['skip']} --limit {r['limit']}) | {r['bundle']} | {r['reference_entropy']:.3f} "
+            f"| {r['batch_entropy']:.3f} | {r['ratio']:.2f} | {'yes' if r['adapted'] else 'no'} | "
+            + " | ".join("-" if s is None else f"{100 * s:.0f}%" for s in shares)
+            + " |"
+        )
+    report = {
+        "threshold": threshold,
+        "machine": machine(),
+        "command": command("benchmarks.shift_gate"),
+        "batches": rows,
+    }
+    print(f"wrote {write_json(args.out, report)}")
+
+
+if __name__ == "__main__":
+    main()
