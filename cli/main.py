@@ -431,12 +431,13 @@ def export(
     console.print(f"wrote {save_bundle(net, model_card, out)}")
 
 
+CardToComplete = Annotated[Path, typer.Argument(help="bundle folder whose model card to complete")]
+SourceScans = Annotated[Path, typer.Option(help="the source scans: prepared .npz, folder or CSV")]
+SourceLabels = Annotated[Path | None, typer.Option(help="folder of label maps named like the images")]
+
+
 @app.command("record-volumes")
-def record_volumes(
-    bundle: Annotated[Path, typer.Argument(help="bundle folder whose model card to complete")],
-    images: Annotated[Path, typer.Option(help="the source training scans: prepared .npz, folder or CSV")],
-    labels: Annotated[Path | None, typer.Option(help="folder of label maps named like the images")] = None,
-) -> None:
+def record_volumes(bundle: CardToComplete, images: SourceScans, labels: SourceLabels = None) -> None:
     """Record in the card each structure's volume range over its training cases (the guard's anatomy prior)."""
     from models.bundle import load_bundle, write_card
     from trainer.data import source_volume_ranges
@@ -450,11 +451,7 @@ def record_volumes(
 
 
 @app.command("record-entropy")
-def record_entropy(
-    bundle: Annotated[Path, typer.Argument(help="bundle folder whose model card to complete")],
-    images: Annotated[Path, typer.Option(help="the source scans: prepared .npz, folder or CSV")],
-    labels: Annotated[Path | None, typer.Option(help="folder of label maps named like the images")] = None,
-) -> None:
+def record_entropy(bundle: CardToComplete, images: SourceScans, labels: SourceLabels = None) -> None:
     """Record in the card the network's mean foreground entropy on its held-out source cases, the reference of
     test-time `mpl`'s shift gate (training records it itself; this completes an older card)."""
     from models.bundle import load_bundle, write_card
