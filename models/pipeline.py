@@ -221,11 +221,10 @@ def segment_batch(
 
 
 def _not_adapted(adapted: AdaptResult, cfg: AdaptConfig) -> str:
-    shift = adapted.shift
+    """The fallback reason of a scan in a batch the shift gate left to the source model."""
     return (
-        "not adapted: the source model is as sure of this batch as of its held-out source cases (foreground "
-        f"entropy {shift['batch_entropy']:.3f} against {shift['reference_entropy']:.3f}, ratio {shift['ratio']:.2f}"
-        f" <= {cfg.shift_ratio})"
+        "not adapted: the batch looks as familiar as the source domain (foreground entropy "
+        f"{adapted.shift['ratio']:.2f}x the held-out cases', <= {cfg.shift_ratio}x)"
     )
 
 
