@@ -8,7 +8,8 @@ Methods, chosen by name (:class:`models.terms.Method`):
 - ``mpl``: masked pseudo-labelling (MAPSeg, CVPR 2024): an EMA teacher labels unmasked global-local views, a
   student learns to reproduce those labels from masked and unmasked views, with the global auxiliary head and a
   local-global cosine term; the teacher follows the student by EMA and is the adapted model. The step itself
-  is :mod:`models.mpl`, which the training modes share.
+  is :mod:`models.mpl`, which the training modes share. A batch that the source network is as sure of as of
+  its own held-out cases is left to it (:func:`batch_shift`, ``AdaptConfig.shift_ratio``).
 None of them ever sees a label.
 """
 
