@@ -1,7 +1,7 @@
 """How familiar each batch looks to its source network: the shift gate of test-time ``mpl``.
 
 For every batch asked for, the source network's mean foreground entropy on each scan (model grid, as the gate
-measures it, :func:`models.adaptation.foreground_entropy`), the batch's mean over the card's reference (its
+measures it, :func:`models.adaptation.scan_foreground_entropies`), the batch's mean over the card's reference (its
 held-out source cases, ``validation.foreground_entropy``), and in how many of the batch's subsets of 5 and 10
 scans the gate would adapt (ratio above ``AdaptConfig.shift_ratio``). No label is read. Prints a table and writes
 JSON.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,19 +32,20 @@ BATCHES = [
 SUBSET_SIZES = (5, 10)
 
 
-def scan_entropies(task: str, skip: int, limit: int) -> dict[str, float]:
-    """The task's source network's mean foreground entropy on each scan of the batch."""
-    from models.adaptation import foreground_entropy
-    from models.inference import predict_volume, torch_predictor
+def scan_entropies(task: str, skip: int, limit: int) -> tuple[dict[str, float], float]:
+    """The task's source network's mean foreground entropy on each scan of the batch, and the seconds the
+    network's pass over the batch took (the gate's cost)."""
+    from models.adaptation import scan_foreground_entropies
     from models.pipeline import load_scans
 
     bundle = task_bundle(task)
     inputs, _ = task_inputs(task, skip=skip, limit=limit)
-    predict = torch_predictor(bundle.load_network().eval())
-    return {
-        s.case: round(foreground_entropy(predict_volume(s.array, predict, bundle.card.patch_size)), 4)
-        for s in load_scans(inputs, bundle, None)
-    }
+    scans = load_scans(inputs, bundle, None)
+    net = bundle.load_network()
+    start = time.perf_counter()
+    entropies = scan_foreground_entropies(net, [s.array for s in scans], bundle.card.patch_size)
+    seconds = time.perf_counter() - start
+    return {s.case: round(e, 4) for s, e in zip(scans, entropies, strict=True)}, round(seconds, 1)
 
 
 def adapted_share(entropies: list[float], reference: float, threshold: float, size: int) -> float | None:
@@ -68,7 +70,7 @@ def main() -> None:
     for task, skip, limit in BATCHES:
         card = task_bundle(task).card
         reference = card.validation["foreground_entropy"]
-        per_scan = scan_entropies(task, skip, limit)
+        per_scan, seconds = scan_entropies(task, skip, limit)
         mean = float(np.mean(list(per_scan.values())))
         rows.append(
             {
@@ -84,6 +86,7 @@ def main() -> None:
                     f"adapted_share_of_{n}": adapted_share(list(per_scan.values()), reference, threshold, n)
                     for n in SUBSET_SIZES
                 },
+                "seconds": seconds,
                 "scans": per_scan,
             }
         )
@@ -92,16 +95,16 @@ def main() -> None:
         f"\nshift gate: adapt when the batch's foreground entropy > {threshold} x the held-out source cases'\n"
     )
     print(
-        "| batch | bundle | held-out entropy | batch entropy | ratio | adapted | "
+        "| batch | bundle | held-out entropy | batch entropy | ratio | adapted | gate s | "
         + " | ".join(f"subsets of {n} adapted" for n in SUBSET_SIZES)
         + " |"
     )
-    print("|" + "---|" * (6 + len(SUBSET_SIZES)))
+    print("|" + "---|" * (7 + len(SUBSET_SIZES)))
     for r in rows:
         shares = [r[f"adapted_share_of_{n}"] for n in SUBSET_SIZES]
         print(
             f"| {r['task']} (--skip {r['skip']} --limit {r['limit']}) | {r['bundle']} | {r['reference_entropy']:.3f} "
-            f"| {r['batch_entropy']:.3f} | {r['ratio']:.2f} | {'yes' if r['adapted'] else 'no'} | "
+            f"| {r['batch_entropy']:.3f} | {r['ratio']:.2f} | {'yes' if r['adapted'] else 'no'} | {r['seconds']:.0f} | "
             + " | ".join("-" if s is None else f"{100 * s:.0f}%" for s in shares)
             + " |"
         )

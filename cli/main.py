@@ -19,6 +19,8 @@ from models.terms import Method, Phase, TrainMode
 from trainer.config import PLANS, PRETRAIN_STEPS, FederatedConfig, Plan, TrainConfig, UdaConfig
 
 if TYPE_CHECKING:
+    from models.bundle import ModelCard
+    from trainer.data import TrainingCase
     from trainer.train import TrainRun
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -473,7 +475,7 @@ def record_entropy(bundle: CardToComplete, images: SourceScans, labels: SourceLa
     )
 
 
-def _card_cases(card, key: str, images: Path, labels: Path | None) -> list:
+def _card_cases(card: ModelCard, key: str, images: Path, labels: Path | None) -> list[TrainingCase]:
     """The labelled cases of ``images`` that the card's ``training[key]`` names, on the card's grid; every one of
     them must be there."""
     from trainer.data import load_cases

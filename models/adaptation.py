@@ -30,6 +30,7 @@ from models.inference import predict_volume, torch_predictor
 from models.mpl import ema_update, mpl_pseudo_labels, mpl_student_loss
 from models.mpl_config import MplConfig
 from models.network import GlobalLocalUNet
+from models.postprocessing import foreground_entropy
 from models.sampling import Views, global_view, make_views, mirror_randomly, pad_to_patch
 from models.terms import Method
 
@@ -156,25 +157,14 @@ def reestimate_norm_statistics(
     net.eval()
 
 
-def foreground_entropy(probs: np.ndarray | torch.Tensor) -> float:
-    """Mean normalised entropy (0-1) of class probabilities (C, ...) over the voxels whose argmax is a structure;
-    0 when there are none."""
-    p = torch.as_tensor(probs).float()
-    fg = p.argmax(0) > 0
-    if not fg.any():
-        return 0.0
-    entropy = -(p * torch.log(p.clamp_min(1e-8))).sum(0) / np.log(p.shape[0])
-    return float(entropy[fg].mean())
-
-
-def batch_foreground_entropy(
+def scan_foreground_entropies(
     net: GlobalLocalUNet, volumes: Sequence[np.ndarray], patch: Sequence[int]
-) -> float:
-    """:func:`foreground_entropy` of ``net``'s sliding-window prediction of each volume (model grid), averaged
-    over the volumes: how unsure the network is of what it segments."""
+) -> list[float]:
+    """:func:`~models.postprocessing.foreground_entropy` of ``net``'s sliding-window prediction of each volume
+    (model grid): how unsure the network is of what it segments."""
     net.eval()
     predict = torch_predictor(net)
-    return float(np.mean([foreground_entropy(predict_volume(v, predict, patch)) for v in volumes]))
+    return [foreground_entropy(predict_volume(v, predict, patch)) for v in volumes]
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -325,12 +315,12 @@ def batch_shift(
     cfg: AdaptConfig,
     reference_entropy: float | None,
 ) -> dict[str, float]:
-    """How much less sure ``net`` is of the batch than of its held-out source cases: the batch's
-    :func:`batch_foreground_entropy`, the reference and their ratio; empty when there is no gate to decide
-    (``cfg.shift_ratio`` unset, or no reference)."""
+    """How much less sure ``net`` is of the batch than of its held-out source cases: its
+    :func:`scan_foreground_entropies` averaged over the scans, the reference and their ratio; empty when there
+    is no gate to decide (``cfg.shift_ratio`` unset, or no reference)."""
     if cfg.shift_ratio is None or not reference_entropy:
         return {}
-    entropy = batch_foreground_entropy(net, volumes, patch)
+    entropy = float(np.mean(scan_foreground_entropies(net, volumes, patch)))
     return {
         "batch_entropy": round(entropy, 4),
         "reference_entropy": round(reference_entropy, 4),

@@ -26,7 +26,12 @@ from models.guard import (
 )
 from models.inference import flip_ensemble, onnx_predictor, onnx_session, predict_volume
 from models.io import case_name, read_image, write_image
-from models.postprocessing import LargestComponent, foreground_connectedness, keep_largest_component
+from models.postprocessing import (
+    LargestComponent,
+    foreground_connectedness,
+    keep_largest_component,
+    normalised_entropy,
+)
 from models.preprocessing import PreparedScan, label_image, prepare, probabilities_to_original
 from models.terms import Method, Phase
 
@@ -93,11 +98,6 @@ def load_scans(
         prepare(read_image(p), n, card.target_spacing, card.normalisation)
         for p, n in zip(inputs, names, strict=True)
     ]
-
-
-def _normalised_entropy(probs: np.ndarray) -> np.ndarray:
-    """Voxel-wise entropy of class probabilities (C, ...), scaled to [0, 1]."""
-    return -(probs * np.log(np.clip(probs, 1e-8, None))).sum(0) / np.log(probs.shape[0])
 
 
 def _quality(
@@ -265,7 +265,7 @@ def _segment_one(
         )
         if fallback_reason:
             probs, labels, volumes, connectedness = src_probs, src_labels, src_volumes, src_connectedness
-    entropy = _normalised_entropy(probs)
+    entropy = normalised_entropy(probs)
     quality = _quality(probs, entropy, labels, src_labels, connectedness)
     label_path = write_image(label_image(labels, scan.original), out_dir / f"{scan.case}.nii.gz")
     source_label_file = uncertainty_file = None

@@ -1,4 +1,4 @@
-"""Connected-component clean-up of predicted label maps, and how connected a prediction is."""
+"""Connected-component clean-up of predicted label maps, and how connected and how certain a prediction is."""
 
 from __future__ import annotations
 
@@ -39,3 +39,15 @@ def keep_largest_component(labels: np.ndarray, n_classes: int, mode: LargestComp
         applied_labels=list(range(1, n_classes)), independent=mode == LargestComponent.structures
     )
     return np.asarray(keep(labels[None].copy()))[0].astype(labels.dtype)  # MONAI edits its input in place
+
+
+def normalised_entropy(probs: np.ndarray) -> np.ndarray:
+    """Voxel-wise entropy of class probabilities (C, ...), scaled to [0, 1]."""
+    return -(probs * np.log(np.clip(probs, 1e-8, None))).sum(0) / np.log(probs.shape[0])
+
+
+def foreground_entropy(probs: np.ndarray) -> float:
+    """Mean :func:`normalised_entropy` of class probabilities (C, ...) over the voxels whose argmax is a
+    structure; 0 when there are none."""
+    fg = probs.argmax(0) > 0
+    return float(normalised_entropy(probs)[fg].mean()) if fg.any() else 0.0

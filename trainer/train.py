@@ -15,12 +15,11 @@ from monai.losses import DiceCELoss
 from monai.transforms import Compose
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from models.adaptation import foreground_entropy
 from models.bundle import CARD_FILE, Bundle, ModelCard, read_card, save_bundle
 from models.guard import VolumeRanges, dice_per_class
 from models.inference import predict_volume, torch_predictor
 from models.network import GlobalLocalUNet, cosine_consistency
-from models.postprocessing import LargestComponent
+from models.postprocessing import LargestComponent, foreground_entropy
 from models.sampling import Views, block_mask, make_views
 from models.terms import TrainMode
 from trainer.augment import augment, training_augmentation
