@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from models.checksums import sha256_file
 from models.network_config import NetworkConfig
@@ -70,6 +70,16 @@ class ModelCard(BaseModel):
     onnx_opset: int = ONNX_OPSET
     created_at: str = ""
     parent: dict[str, Any] | None = None
+
+    @field_validator("validation")
+    @classmethod
+    def _entropy_is_a_share(cls, validation: dict[str, Any]) -> dict[str, Any]:
+        """The held-out foreground entropy, the reference of ``mpl``'s shift gate, must be a number in (0, 1]."""
+        entropy = validation.get("foreground_entropy")
+        is_number = isinstance(entropy, int | float) and not isinstance(entropy, bool)
+        if entropy is not None and not (is_number and 0.0 < entropy <= 1.0):
+            raise ValueError(f"foreground_entropy must be a number in (0, 1], got {entropy!r}")
+        return validation
 
     def training_stages(self) -> list[dict[str, Any]]:
         """Every training stage behind these weights, oldest first and this card's own last: each stage's bundle,

@@ -78,6 +78,21 @@ def test_a_card_keeps_own_slices_with_a_zero_spacing_and_refuses_a_negative_one(
         load_bundle(copy)
 
 
+def test_a_card_refuses_a_shift_gate_reference_that_is_not_an_entropy(tiny_bundle, tmp_path):
+    card = tiny_bundle.card.model_dump()
+    for wrong in (0.0, -0.1, 1.5, "0.1", True, float("nan")):
+        with pytest.raises(ValidationError, match="foreground_entropy"):
+            ModelCard.model_validate(
+                {**card, "validation": {**card["validation"], "foreground_entropy": wrong}}
+            )
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle.path, copy)
+    card["validation"]["foreground_entropy"] = -1.0
+    (copy / "model_card.json").write_text(json.dumps(card))
+    with pytest.raises(BundleError, match="invalid model card"):
+        load_bundle(copy)
+
+
 def test_corrupted_weights_are_refused(tiny_bundle, tmp_path):
     copy = tmp_path / "b"
     shutil.copytree(tiny_bundle.path, copy)
