@@ -32,20 +32,31 @@ BATCHES = [
 SUBSET_SIZES = (5, 10)
 
 
-def scan_entropies(task: str, skip: int, limit: int) -> tuple[dict[str, float], float]:
-    """The task's source network's mean foreground entropy on each scan of the batch, and the seconds the
-    network's pass over the batch took (the gate's cost)."""
+def scan_entropies(task: str, skip: int, limit: int) -> tuple[dict[str, float], dict[str, float]]:
+    """The task's source network's mean foreground entropy on each scan of the batch (its ONNX model, as the
+    pipeline's gate runs it), and the seconds the pass over the batch took (the gate's cost) through ONNX Runtime
+    and, for comparison, through eager PyTorch, with the largest difference in entropy between the two."""
     from models.adaptation import scan_foreground_entropies
+    from models.inference import onnx_predictor, onnx_session, torch_predictor
     from models.pipeline import load_scans
 
     bundle = task_bundle(task)
     inputs, _ = task_inputs(task, skip=skip, limit=limit)
     scans = load_scans(inputs, bundle, None)
-    net = bundle.load_network()
-    start = time.perf_counter()
-    entropies = scan_foreground_entropies(net, [s.array for s in scans], bundle.card.patch_size)
-    seconds = time.perf_counter() - start
-    return {s.case: round(e, 4) for s, e in zip(scans, entropies, strict=True)}, round(seconds, 1)
+    volumes = [s.array for s in scans]
+    runs = {}
+    for name, predict in (
+        ("onnx", onnx_predictor(onnx_session(bundle.onnx_path))),
+        ("eager", torch_predictor(bundle.load_network().eval())),
+    ):
+        start = time.perf_counter()
+        runs[name] = (
+            scan_foreground_entropies(predict, volumes, bundle.card.patch_size),
+            time.perf_counter() - start,
+        )
+    seconds = {f"{name}_s": round(s, 1) for name, (_, s) in runs.items()}
+    seconds["max_entropy_difference"] = float(np.max(np.abs(np.subtract(runs["onnx"][0], runs["eager"][0]))))
+    return {s.case: round(e, 4) for s, e in zip(scans, runs["onnx"][0], strict=True)}, seconds
 
 
 def adapted_share(entropies: list[float], reference: float, threshold: float, size: int) -> float | None:
@@ -70,7 +81,7 @@ def main() -> None:
     for task, skip, limit in BATCHES:
         card = task_bundle(task).card
         reference = card.validation["foreground_entropy"]
-        per_scan, seconds = scan_entropies(task, skip, limit)
+        per_scan, cost = scan_entropies(task, skip, limit)
         mean = float(np.mean(list(per_scan.values())))
         rows.append(
             {
@@ -86,7 +97,7 @@ def main() -> None:
                     f"adapted_share_of_{n}": adapted_share(list(per_scan.values()), reference, threshold, n)
                     for n in SUBSET_SIZES
                 },
-                "seconds": seconds,
+                **cost,
                 "scans": per_scan,
             }
         )
@@ -95,16 +106,17 @@ def main() -> None:
         f"\nshift gate: adapt when the batch's foreground entropy > {threshold} x the held-out source cases'\n"
     )
     print(
-        "| batch | bundle | held-out entropy | batch entropy | ratio | adapted | gate s | "
+        "| batch | bundle | held-out entropy | batch entropy | ratio | adapted | gate s (ONNX) | eager s | "
         + " | ".join(f"subsets of {n} adapted" for n in SUBSET_SIZES)
         + " |"
     )
-    print("|" + "---|" * (7 + len(SUBSET_SIZES)))
+    print("|" + "---|" * (8 + len(SUBSET_SIZES)))
     for r in rows:
         shares = [r[f"adapted_share_of_{n}"] for n in SUBSET_SIZES]
         print(
             f"| {r['task']} (--skip {r['skip']} --limit {r['limit']}) | {r['bundle']} | {r['reference_entropy']:.3f} "
-            f"| {r['batch_entropy']:.3f} | {r['ratio']:.2f} | {'yes' if r['adapted'] else 'no'} | {r['seconds']:.0f} | "
+            f"| {r['batch_entropy']:.3f} | {r['ratio']:.2f} | {'yes' if r['adapted'] else 'no'} "
+            f"| {r['onnx_s']:.0f} | {r['eager_s']:.0f} | "
             + " | ".join("-" if s is None else f"{100 * s:.0f}%" for s in shares)
             + " |"
         )

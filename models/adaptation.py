@@ -26,7 +26,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from models.inference import predict_volume, torch_predictor
+from models.inference import Predictor, predict_volume, torch_predictor
 from models.mpl import ema_update, mpl_pseudo_labels, mpl_student_loss
 from models.mpl_config import MplConfig
 from models.network import GlobalLocalUNet
@@ -158,12 +158,11 @@ def reestimate_norm_statistics(
 
 
 def scan_foreground_entropies(
-    net: GlobalLocalUNet, volumes: Sequence[np.ndarray], patch: Sequence[int]
+    predict: Predictor, volumes: Sequence[np.ndarray], patch: Sequence[int]
 ) -> list[float]:
-    """:func:`~models.postprocessing.foreground_entropy` of ``net``'s sliding-window prediction of each volume
-    (model grid): how unsure the network is of what it segments."""
-    net.eval()
-    predict = torch_predictor(net)
+    """:func:`~models.postprocessing.foreground_entropy` of a network's sliding-window prediction of each volume
+    (model grid; ``predict``: the network as :func:`~models.inference.torch_predictor` or
+    :func:`~models.inference.onnx_predictor` wraps it): how unsure the network is of what it segments."""
     return [foreground_entropy(predict_volume(v, predict, patch)) for v in volumes]
 
 
@@ -309,18 +308,18 @@ def collapsed_structures(source: np.ndarray, adapted: np.ndarray, cfg: AdaptConf
 
 
 def batch_shift(
-    net: GlobalLocalUNet,
+    predict: Predictor,
     volumes: Sequence[np.ndarray],
     patch: Sequence[int],
     cfg: AdaptConfig,
     reference_entropy: float | None,
 ) -> dict[str, float]:
-    """How much less sure ``net`` is of the batch than of its held-out source cases: its
-    :func:`scan_foreground_entropies` averaged over the scans, the reference and their ratio; empty when there
-    is no gate to decide (``cfg.shift_ratio`` unset, or no reference)."""
+    """How much less sure the source network (``predict``) is of the batch than of its held-out source cases:
+    its :func:`scan_foreground_entropies` averaged over the scans, the reference and their ratio; empty when
+    there is no gate to decide (``cfg.shift_ratio`` unset, or no reference)."""
     if cfg.shift_ratio is None or not reference_entropy:
         return {}
-    entropy = float(np.mean(scan_foreground_entropies(net, volumes, patch)))
+    entropy = float(np.mean(scan_foreground_entropies(predict, volumes, patch)))
     return {
         "batch_entropy": round(entropy, 4),
         "reference_entropy": round(reference_entropy, 4),
@@ -371,13 +370,16 @@ def adapt(
     progress: Progress | None = None,
     snapshot_steps: Sequence[int] = (),
     reference_entropy: float | None = None,
+    source_predictor: Predictor | None = None,
 ) -> AdaptResult:
     """Adapt a copy of ``net`` to the normalised target ``volumes`` (model grid, (z, y, x)) without labels.
 
     ``snapshot_steps``: keep the adapted weights after these numbers of updates (for Dice-vs-steps curves).
     ``reference_entropy``: the source network's mean foreground entropy on its held-out source cases (the card's
     ``validation.foreground_entropy``). With it, ``mpl`` first measures the batch's (:func:`batch_shift`) and
-    leaves the network as it is, ``skipped``, unless the batch's exceeds ``cfg.shift_ratio`` times the reference.
+    leaves the network as it is, ``skipped``, unless the batch's exceeds ``cfg.shift_ratio`` times the reference;
+    that pass runs ``source_predictor`` when given (``net`` as it is served, e.g. its ONNX model, one prediction per
+    window as the reference was measured), else ``net`` in eager PyTorch.
     ``mpl`` compares each structure's share of every scan before and after adapting; if one collapsed across the
     batch (``collapsed_structures``) it adapts again from the source weights with the next seed, up to
     ``cfg.restarts`` times, and reports the restarts and any structure still collapsed. Progress reaches 100 once,
@@ -404,7 +406,8 @@ def adapt(
     elif method is Method.TENT:
         result = _tent(work, volumes, patch, cfg, steps, progress, snapshot_steps)
     else:
-        shift = batch_shift(work, volumes, patch, cfg, reference_entropy) if steps else {}
+        gate = source_predictor or torch_predictor(work.eval())
+        shift = batch_shift(gate, volumes, patch, cfg, reference_entropy) if steps else {}
         if shift and shift["ratio"] <= cfg.shift_ratio:
             result = AdaptResult(net=work.eval(), method=method, shift=shift, skipped=True)
             result.snapshot(0, work, snapshot_steps)

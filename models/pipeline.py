@@ -163,7 +163,8 @@ def segment_batch(
     largest_component, flips, adapt_config = segment_settings(card, largest_component, adapt_config, flips)
     scans = load_scans(inputs, bundle, case_names)
     patch = card.patch_size
-    source = flip_ensemble(onnx_predictor(onnx_session(bundle.onnx_path, device)), flips)
+    served = onnx_predictor(onnx_session(bundle.onnx_path, device))  # one prediction per window
+    source = flip_ensemble(served, flips)
 
     adapted: AdaptResult | None = None
     predictor = None  # the adapted network's, when there is one
@@ -180,6 +181,7 @@ def segment_batch(
                 cfg=adapt_config,
                 progress=lambda p: progress(Phase.ADAPTING, p),
                 reference_entropy=card.validation.get("foreground_entropy"),
+                source_predictor=served,
             )
             if not adapted.skipped:
                 predictor = flip_ensemble(

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from models.adaptation import AdaptConfig, adapt
+from models.adaptation import AdaptConfig, adapt, scan_foreground_entropies
 from models.guard import dice_per_class, implausible_change
+from models.inference import onnx_predictor, onnx_session, torch_predictor
 from models.phantom import PHANTOM_NETWORK, PHANTOM_PATCH, write_phantoms
-from models.pipeline import segment_batch
+from models.pipeline import load_scans, segment_batch
 from models.terms import Method
 
 FAST = AdaptConfig(steps=30, batch_size=2, lr=1e-3, ema=0.9, mask_block=(2, 8, 8), min_steps=100)
@@ -85,6 +86,27 @@ def test_mpl_leaves_a_batch_as_familiar_as_the_source_domain_to_the_source_netwo
         and not record["adaptation_skipped"]
         and record["adaptation_shift"] == {}
     )
+
+
+def test_the_gate_measures_the_served_source_model_as_training_measured_its_reference(
+    tiny_bundle, phantom_dir, tmp_path
+):
+    inputs = sorted((phantom_dir / "images").iterdir())[6:]
+    volumes = [s.array for s in load_scans(inputs, tiny_bundle, None)]
+    patch = tiny_bundle.card.patch_size
+    eager = scan_foreground_entropies(torch_predictor(tiny_bundle.load_network().eval()), volumes, patch)
+    served = scan_foreground_entropies(onnx_predictor(onnx_session(tiny_bundle.onnx_path)), volumes, patch)
+    assert min(eager) > 0.0 and np.allclose(served, eager, atol=1e-4)
+    # the gate reads one prediction per window, as the reference was measured, whatever ensemble segments
+    shifts = [
+        json.loads(
+            segment_batch(inputs, tiny_bundle, tmp_path / str(f), method="mpl", adapt_config=FAST, flips=f)[
+                0
+            ].json_path.read_text()
+        )["adaptation_shift"]
+        for f in ([], [1, 2])
+    ]
+    assert shifts[0] and shifts[0] == shifts[1]
 
 
 def _labels(path) -> np.ndarray:
