@@ -1,13 +1,17 @@
 """Source-training recipes side by side: network plan x augmentation x initialisation.
 
 Every arm is one `ttaseg train` command (the JSON records it) on the source domain's labelled scans, with the last
-cases held out; it is scored in-domain (the held-out cases, the card's validation Dice on the model grid) and on
-the target's labelled `val` scans without adaptation (`benchmarks.adaptation --methods none`, original grid). The
-training history gives Dice against training hours. Target labels are read for scoring only. Prints a table and
-writes JSON. Arms resume from their work folders, so a killed run picks up where it stopped.
+cases held out, from scratch, from the shipped bundle (``--init shipped``) or from masked-autoencoder weights
+(``--init mae``: `ttaseg pretrain` on the source's training scans and the other domains its bundle may see, never
+its held-out cases nor a domain it is tested on); it is scored in-domain (the held-out cases, the card's
+validation Dice on the model grid) and on the target's labelled `val` scans without adaptation
+(`benchmarks.adaptation --methods none`, original grid). The training history gives Dice against training hours.
+Target labels are read for scoring only. Prints a table and writes JSON. Arms resume from their work folders, so
+a killed run picks up where it stopped.
 
     .venv/bin/python -m benchmarks.source_recipes --source bssfp --arms 3d-gin 3d-gin-ls --steps 120
     .venv/bin/python -m benchmarks.source_recipes --source bssfp --arms 3d-gin-ls --init shipped --steps 120
+    .venv/bin/python -m benchmarks.source_recipes --source bssfp --arms 2d-gin-ls-own --init mae --steps 1000
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import time
 from pathlib import Path
 
 from benchmarks.common import DATA, RESULTS, ROOT, command, machine, write_json
-from trainer.config import PLANS, Plan, TrainConfig
+from trainer.config import PLANS, PRETRAIN_STEPS, Plan, TrainConfig
+from trainer.data import image_files
 
 EIGHT_MM, OWN_SLICES = (1.8, 1.8, 8.0), (1.8, 1.8, 0.0)
 ARMS = {
@@ -37,6 +42,9 @@ SOURCES = {
     "bssfp": ("mscmr_bssfp", 5, "cardiac-bssfp", "bssfp-lge"),
     "acdc": ("acdc_cine", 6, "cardiac-acdc", "acdc-bssfp"),
 }
+# further unlabelled scans each source's masked-autoencoder pretraining may read: none of its bundle's test targets
+# (cardiac-bssfp is tested on LGE; cardiac-acdc on bSSFP and LGE)
+MAE_DOMAINS = {"bssfp": ("acdc_cine",), "acdc": ()}
 TTASEG = str(ROOT / ".venv" / "bin" / "ttaseg")
 
 
@@ -69,8 +77,34 @@ def prepared_data(args: argparse.Namespace, plan: Plan, fields: dict) -> Path:
     return prepared
 
 
-def train_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
-    """Train one arm (resuming from its work folder); its command, seconds, validation and history."""
+def mae_weights(args: argparse.Namespace, work: Path) -> dict:
+    """Masked-autoencoder pretraining of the slice-wise network (``ttaseg pretrain``, resumable) on the source's
+    training scans (its held-out cases left out) and ``MAE_DOMAINS``; its command, seconds and weights."""
+    folder, held_out, _, _ = SOURCES[args.source]
+    own = (
+        work / "scans"
+    )  # the training scans: the held-out cases are the last ones by name, as in `ttaseg train`
+    own.mkdir(parents=True, exist_ok=True)
+    for image in image_files(DATA / "cardiac" / folder / "images")[:-held_out]:
+        (own / image.name).unlink(missing_ok=True)
+        (own / image.name).symlink_to(image)
+    folders = [own] + [DATA / "cardiac" / d / "images" for d in MAE_DOMAINS[args.source]]
+    cmd = [TTASEG, "pretrain", *map(str, folders), "--work", str(work), "--steps", str(args.mae_steps)]
+    cmd += ["--seed", str(args.seed)]
+    start = time.perf_counter()
+    print(f"masked-autoencoder pretraining, progress in {work / 'pretrain.log'}", flush=True)
+    _run(cmd, work / "pretrain.log")
+    return {
+        "command": " ".join(cmd[1:]),
+        "seconds_this_run": round(time.perf_counter() - start, 1),
+        "scans": sorted(p.name for f in folders for p in image_files(f)),
+        "weights": str(work / "mae.pt"),
+    }
+
+
+def train_arm(arm: str, args: argparse.Namespace, work: Path, init: Path | None) -> dict:
+    """Train one arm from ``init`` weights or from scratch (resuming from its work folder); its command, seconds,
+    validation and history."""
     _, held_out, shipped, _ = SOURCES[args.source]
     plan, fields = ARMS[arm]
     prepared = prepared_data(args, plan, fields)
@@ -102,8 +136,8 @@ def train_arm(arm: str, args: argparse.Namespace, work: Path) -> dict:
         "--config",
         json.dumps(overrides),
     ]
-    if args.init == "shipped":
-        cmd += ["--pretrained", str(ROOT / "bundles" / shipped / "weights.pt")]
+    if init is not None:
+        cmd += ["--pretrained", str(init)]
     start = time.perf_counter()
     print(f"{arm}: training, progress in {work / 'train.log'}", flush=True)
     _run(cmd, work / "train.log")
@@ -157,9 +191,12 @@ def main() -> None:
     parser.add_argument("--val-every", type=int, default=30)
     parser.add_argument(
         "--init",
-        choices=["scratch", "shipped"],
+        choices=["scratch", "shipped", "mae"],
         default="scratch",
-        help="shipped: fine-tune the shipped bundle",
+        help="shipped: fine-tune the shipped bundle; mae: start from masked-autoencoder pretraining",
+    )
+    parser.add_argument(
+        "--mae-steps", type=int, default=PRETRAIN_STEPS, help="pretraining steps (--init mae)"
     )
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the trainer's)")
     parser.add_argument("--limit", type=int, default=5, help="target scans scored (its labelled val scans)")
@@ -182,10 +219,18 @@ def main() -> None:
         args.out
         or RESULTS / f"source-recipes-{args.source}-{args.init}-{args.steps}-{'-'.join(args.arms)}.json"
     )
+    init = None
+    if args.init == "shipped":
+        init = ROOT / "bundles" / SOURCES[args.source][2] / "weights.pt"
+    elif args.init == "mae":
+        if any(ARMS[arm][0] != Plan.SLICE for arm in args.arms):
+            parser.error("--init mae pretrains the slice-wise network: choose 2d arms")
+        report["pretraining"] = mae_weights(args, work / "mae")
+        init = Path(report["pretraining"]["weights"])
     print(f"{'arm':<12} {'train s':>8} {'in-domain':>10} {task + ' none':>16}")
     for arm in args.arms:
         arm_work = work / arm
-        run = train_arm(arm, args, arm_work)
+        run = train_arm(arm, args, arm_work, init)
         run["target"] = score_target(run["bundle"], task, args.limit, arm_work / "target.json")
         report["arms"][arm] = run
         write_json(out, report)
