@@ -95,15 +95,17 @@ def main() -> None:
 
 
 def plot_recipes(reports: list[dict], out: Path) -> None:
-    """Held-out source Dice against training hours, one curve per recipe arm, one panel per source domain."""
+    """Held-out source Dice against training hours, one curve per recipe arm, one panel per source domain; an arm
+    started from masked-autoencoder weights starts after the pretraining's hours."""
     sources = list(dict.fromkeys(r["source"] for r in reports))
     fig, axes = plt.subplots(1, len(sources), figsize=(5.5 * len(sources), 3.8), squeeze=False)
     for ax, source in zip(axes[0], sources, strict=True):
         for report in (r for r in reports if r["source"] == source):
+            offset = report.get("pretraining", {}).get("seconds_this_run", 0.0)
             for arm, run in report["arms"].items():
                 points = [p for p in run["curve"] if "dice_mean" in p]
                 ax.plot(
-                    [p["seconds"] / 3600 for p in points],
+                    [(offset + p["seconds"]) / 3600 for p in points],
                     [p["dice_mean"] for p in points],
                     marker="o",
                     label=f"{arm} ({report['init']}, target none {run['target']['dice_mean']:.3f})",
