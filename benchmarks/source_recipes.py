@@ -81,11 +81,11 @@ def mae_weights(args: argparse.Namespace, work: Path) -> dict:
     """Masked-autoencoder pretraining of the slice-wise network (``ttaseg pretrain``, resumable) on the source's
     training scans (its held-out cases left out) and ``MAE_DOMAINS``; its command, seconds and weights."""
     folder, held_out, _, _ = SOURCES[args.source]
-    own = (
-        work / "scans"
-    )  # the training scans: the held-out cases are the last ones by name, as in `ttaseg train`
+    # the training scans: the held-out cases are the last ones by name, as in `ttaseg train --val-cases`
+    own = work / "scans"
     own.mkdir(parents=True, exist_ok=True)
-    for image in image_files(DATA / "cardiac" / folder / "images")[:-held_out]:
+    scans = image_files(DATA / "cardiac" / folder / "images")
+    for image in scans[: len(scans) - held_out]:
         (own / image.name).unlink(missing_ok=True)
         (own / image.name).symlink_to(image)
     folders = [own] + [DATA / "cardiac" / d / "images" for d in MAE_DOMAINS[args.source]]
