@@ -28,6 +28,7 @@ from trainer.config import PLANS, PRETRAIN_STEPS, Plan, TrainConfig
 from trainer.data import image_files
 
 EIGHT_MM, OWN_SLICES = (1.8, 1.8, 8.0), (1.8, 1.8, 0.0)
+WIDE = TrainConfig().network.model_copy(update={"channels": (24, 48, 96, 192, 384)}).model_dump(mode="json")
 ARMS = {
     # name: (network plan, TrainConfig fields over the plan's); every arm has GIN random convolutions
     "3d-gin": (Plan.VOLUMETRIC, {"location_scale_prob": 0.0}),
@@ -36,6 +37,11 @@ ARMS = {
     "2d-gin-ls": (Plan.SLICE, {"location_scale_prob": 0.5, "target_spacing": EIGHT_MM}),
     # the scans' own slices: no slice interpolated (benchmarks.grid_ceiling); the trainer's defaults
     "2d-gin-ls-own": (Plan.SLICE, {"location_scale_prob": 0.5, "target_spacing": OWN_SLICES}),
+    # the same with 1.5x the channels at every level (about 2.25x the cost of a step)
+    "2d-wide-gin-ls-own": (
+        Plan.SLICE,
+        {"location_scale_prob": 0.5, "target_spacing": OWN_SLICES, "network": WIDE},
+    ),
 }
 SOURCES = {
     # name: (labelled source folder, held-out cases, shipped bundle, target task scored without adaptation)

@@ -81,6 +81,9 @@ def main() -> None:
     parser.add_argument(
         "--batch-size", type=int, default=2, help="labelled and unlabelled scans per semi step"
     )
+    parser.add_argument(
+        "--semi-lr", type=float, default=None, help="peak learning rate of semi (default: the labelled run's)"
+    )
     parser.add_argument("--plan", choices=[p.value for p in Plan], default=Plan.SLICE.value)
     parser.add_argument("--config", default=None, help="JSON object of further TrainConfig fields")
     parser.add_argument("--pool-limit", type=int, default=None, help="at most N unlabelled scans per domain")
@@ -123,6 +126,7 @@ def main() -> None:
             "steps": args.semi_steps,
             "batch_size": args.batch_size,
             "val_every": max(1, min(50, args.semi_steps)),
+            **({"lr": args.semi_lr} if args.semi_lr else {}),
         }
     )
     semi = train_semi(
@@ -151,6 +155,7 @@ def main() -> None:
         "runs": {
             name: {
                 "steps": b.card.training["config"]["steps"],
+                "lr": b.card.training["config"]["lr"],
                 "seconds": b.card.training["seconds"],
                 "dice": _score(b, scored),
             }
