@@ -86,6 +86,7 @@ def main() -> None:
     )
     parser.add_argument("--plan", choices=[p.value for p in Plan], default=Plan.SLICE.value)
     parser.add_argument("--config", default=None, help="JSON object of further TrainConfig fields")
+    parser.add_argument("--semi-config", default=None, help="JSON object of SemiConfig fields")
     parser.add_argument("--pool-limit", type=int, default=None, help="at most N unlabelled scans per domain")
     parser.add_argument("--score-limit", type=int, default=None, help="score at most N scans per domain")
     parser.add_argument("--work", type=Path, default=Path("runs/semi-benchmark"), help="checkpoints; resumes")
@@ -93,7 +94,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "training_semi.json")
     args = parser.parse_args()
 
-    from trainer.config import TrainConfig
+    from trainer.config import SemiConfig, TrainConfig
     from trainer.data import load_case
     from trainer.semi import train_semi
     from trainer.train import TrainRun, train_source
@@ -129,6 +130,7 @@ def main() -> None:
             **({"lr": args.semi_lr} if args.semi_lr else {}),
         }
     )
+    semi_settings = SemiConfig.model_validate(json.loads(args.semi_config) if args.semi_config else {})
     semi = train_semi(
         labelled,
         pool,
@@ -142,6 +144,7 @@ def main() -> None:
             **heart,
         ),
         semi_cfg,
+        semi_settings,
         progress=lambda step, status: print(f"semi: step {step} {status}", flush=True),
     )
     scored = _scored(labelled_files, args.score_limit)
@@ -150,6 +153,7 @@ def main() -> None:
         "labelled": [p.name for p in labelled_files],
         "unlabelled": {d: [p.name for p in files] for d, files in pool_files.items()},
         "config": cfg.model_dump(mode="json"),
+        "semi_config": semi_settings.model_dump(mode="json"),
         "machine": machine(),
         "command": command("benchmarks.training_semi"),
         "runs": {
