@@ -37,7 +37,7 @@ ARMS = {
     "2d-gin-ls": (Plan.SLICE, {"location_scale_prob": 0.5, "target_spacing": EIGHT_MM}),
     # the scans' own slices: no slice interpolated (benchmarks.grid_ceiling); the trainer's defaults
     "2d-gin-ls-own": (Plan.SLICE, {"location_scale_prob": 0.5, "target_spacing": OWN_SLICES}),
-    # the same with 1.5x the channels at every level (about 2.25x the cost of a step)
+    # the same with 1.5x the channels at every level (2.25x the weights)
     "2d-wide-gin-ls-own": (
         Plan.SLICE,
         {"location_scale_prob": 0.5, "target_spacing": OWN_SLICES, "network": WIDE},

@@ -107,6 +107,7 @@ def main() -> None:
             **(json.loads(args.config) if args.config else {}),
         }
     )
+    semi_settings = SemiConfig.model_validate(json.loads(args.semi_config) if args.semi_config else {})
     names = {int(k): v for k, v in json.loads((DATA / "cardiac/labels.json").read_text()).items()}
     grid = {"spacing": cfg.target_spacing, "normalisation": cfg.normalisation}
     labelled_files, pool_files = _split(args.pool_limit)
@@ -127,10 +128,9 @@ def main() -> None:
             "steps": args.semi_steps,
             "batch_size": args.batch_size,
             "val_every": max(1, min(50, args.semi_steps)),
-            **({"lr": args.semi_lr} if args.semi_lr else {}),
+            **({"lr": args.semi_lr} if args.semi_lr is not None else {}),
         }
     )
-    semi_settings = SemiConfig.model_validate(json.loads(args.semi_config) if args.semi_config else {})
     semi = train_semi(
         labelled,
         pool,
