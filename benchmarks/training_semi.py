@@ -79,7 +79,10 @@ def main() -> None:
         "--semi-steps", type=int, default=2000, help="steps of semi, from the labelled-only weights"
     )
     parser.add_argument(
-        "--batch-size", type=int, default=2, help="labelled and unlabelled scans per semi step"
+        "--batch-size",
+        type=int,
+        default=2,
+        help="unlabelled scans per semi step (labelled: the recipe's batch)",
     )
     parser.add_argument(
         "--semi-lr", type=float, default=None, help="peak learning rate of semi (default: the labelled run's)"
@@ -107,7 +110,12 @@ def main() -> None:
             **(json.loads(args.config) if args.config else {}),
         }
     )
-    semi_settings = SemiConfig.model_validate(json.loads(args.semi_config) if args.semi_config else {})
+    semi_settings = SemiConfig.model_validate(
+        {
+            "unlabelled_batch_size": args.batch_size,
+            **(json.loads(args.semi_config) if args.semi_config else {}),
+        }
+    )
     names = {int(k): v for k, v in json.loads((DATA / "cardiac/labels.json").read_text()).items()}
     grid = {"spacing": cfg.target_spacing, "normalisation": cfg.normalisation}
     labelled_files, pool_files = _split(args.pool_limit)
@@ -126,7 +134,6 @@ def main() -> None:
     semi_cfg = cfg.model_copy(
         update={
             "steps": args.semi_steps,
-            "batch_size": args.batch_size,
             "val_every": max(1, min(50, args.semi_steps)),
             **({"lr": args.semi_lr} if args.semi_lr is not None else {}),
         }

@@ -96,6 +96,7 @@ class SemiConfig(BaseModel):
     """
 
     mpl: MplConfig = MplConfig(ema=0.99)
+    unlabelled_batch_size: int = 2  # unlabelled scans a step (the labelled batch is TrainConfig's batch_size)
     unlabelled_weight: float = 1.0  # copy-paste terms' weight once ramped up (symmetric guidance: squared)
     rampup: float = 1.0  # share of the steps over which the unlabelled weight rises (sigmoid ramp)
     amplitude_band: float = 0.01  # half-width of the low-frequency window, as a share of each axis

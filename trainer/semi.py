@@ -16,7 +16,8 @@ masked pseudo-labelling of test-time ``mpl`` (:mod:`models.mpl`). Every step, fo
   the pool's hardness);
 - the scan it reproduces worst is kept, and the next step pastes a labelled scan into it, in the box that covers
   both scans' structures (:class:`HardestScan`).
-The labelled scans are learned with the same loss and weight one; the EMA teacher is the shipped model.
+The labelled scans are learned as the labelled-only recipe learns them (its batch, augmentation and loss, weight
+one); the EMA teacher is the shipped model.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from dataclasses import fields
 
 import numpy as np
 import torch
+from monai.losses import DiceCELoss
 
 from models.bundle import Bundle
 from models.mpl import PseudoLabels, ema_update, mpl_pseudo_labels, mpl_student_loss
 from models.network import GlobalLocalUNet
-from models.sampling import Views, make_views
+from models.sampling import Views
 from models.terms import TrainMode
 from trainer.augment import augment, strong_augmentation
 from trainer.config import SemiConfig, TrainConfig
@@ -50,7 +52,9 @@ from trainer.train import (
     recipe_augmentation,
     resume_checkpoint,
     save_checkpoint,
+    supervised_loss,
     validate,
+    view_batches,
 )
 
 RULE = (
@@ -232,7 +236,7 @@ def _labels(local: torch.Tensor, global_: torch.Tensor) -> PseudoLabels:
 
 
 class _Sampler:
-    """Augmented labelled and unlabelled scans and the intermediate scans between them, as aligned views."""
+    """Augmented unlabelled scans and the intermediate scans between them and labelled ones, as aligned views."""
 
     def __init__(
         self,
@@ -253,28 +257,13 @@ class _Sampler:
             return case.image, case.labels if labelled else None
         return augment(self.weak, case.image, case.labels if labelled else None)
 
-    def labelled_views(self) -> Views:
-        """A batch of augmented labelled scans with their labels."""
-        cfg = self.cfg
-        idx = self.rng.choice(
-            len(self.labelled), size=cfg.batch_size, replace=len(self.labelled) < cfg.batch_size
-        )
-        pairs = [self._case(self.labelled[i], True) for i in idx]
-        return make_views(
-            [p[0] for p in pairs],
-            cfg.patch_size,
-            self.rng,
-            labels=[p[1] for p in pairs],
-            foreground_prob=cfg.foreground_prob,
-        )
-
     def mixed_views(self, pool: ReliablePool, progress: float) -> tuple[list[int], list[Views], torch.Tensor]:
         """Unlabelled scans drawn, and the aligned views of: the plain scan, its strong perturbation, the two
         intermediate scans as the teacher sees them (plain) and as the student does (perturbed unlabelled part,
         amplitude-mixed pasted part), the pasted scan, its labels and the box; and which pasted scans carry
         reference labels."""
         cfg, semi, rng = self.cfg, self.semi, self.rng
-        size = min(cfg.batch_size, len(self.unlabelled))
+        size = min(semi.unlabelled_batch_size, len(self.unlabelled))
         idx = [int(i) for i in rng.choice(len(self.unlabelled), size=size, replace=False)]
         stacks, centres, known = [], [], []
         for i in idx:
@@ -319,6 +308,8 @@ class _Sampler:
 def _semi_loss(
     student: GlobalLocalUNet,
     teacher: GlobalLocalUNet,
+    lab: Views,
+    supervised: torch.Tensor,
     sampler: _Sampler,
     pool: ReliablePool,
     hardest: HardestScan,
@@ -327,12 +318,9 @@ def _semi_loss(
     generator: torch.Generator,
     device: str,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """One step's loss: labelled + ramped (copy-paste both ways, with the last step's hardest scan pasted into,
-    + ramped symmetric guidance); updates the pool and the hardest scan."""
+    """One step's loss: ``supervised`` (the labelled batch ``lab``'s loss) + ramped (copy-paste both ways, with
+    the last step's hardest scan pasted into, + ramped symmetric guidance); updates the pool and the hardest scan."""
     n_classes = student.config.out_channels
-    lab = sampler.labelled_views().to(device)
-    targets = _labels(lab.local_labels[:, 0], lab.global_labels[:, 0])
-    supervised = mpl_student_loss(student, lab, targets, semi.mpl, generator).loss
     idx, views, known = sampler.mixed_views(pool, progress)
     plain, strong, ul, lu, ul_s, lu_s, donor, ref, box = (v.to(device) for v in views)
     plain_l, ul_l, lu_l, donor_l = _split(
@@ -419,13 +407,27 @@ def train_semi(
     if ckpt:
         generator.set_state(ckpt["mask_generator"])
     sampler = _Sampler(labelled, unlabelled, cfg, semi, step)
+    labelled_batches = view_batches(labelled, cfg, labelled=True, start_step=step)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     student.train()
     teacher.eval()
     start = time.perf_counter()
     progress(step, "resumed" if step else "")
     while step < cfg.steps:
+        lab = next(labelled_batches).to(run.device)
+        supervised = supervised_loss(student, lab, cfg, loss_fn)  # the labelled-only recipe's loss and batch
         loss, stats = _semi_loss(
-            student, teacher, sampler, pool, hardest, semi, step / cfg.steps, generator, run.device
+            student,
+            teacher,
+            lab,
+            supervised,
+            sampler,
+            pool,
+            hardest,
+            semi,
+            step / cfg.steps,
+            generator,
+            run.device,
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
