@@ -167,6 +167,7 @@ def main() -> None:
             name: {
                 "steps": b.card.training["config"]["steps"],
                 "lr": b.card.training["config"]["lr"],
+                "batch_size": b.card.training["config"]["batch_size"],
                 "seconds": b.card.training["seconds"],
                 "dice": _score(b, scored),
             }

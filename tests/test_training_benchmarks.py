@@ -42,7 +42,7 @@ def test_semi_benchmark_scores_each_domain_with_the_slice_wise_plan(data_dir, tm
     _benchmark(
         "benchmarks.training_semi",
         *("--plan", "2d", "--steps", "2", "--semi-steps", "2", "--pool-limit", "1", "--score-limit", "1"),
-        *("--semi-lr", "5e-4", "--semi-config", '{"unlabelled_weight": 0.3}'),
+        *("--semi-lr", "5e-4", "--batch-size", "1", "--semi-config", '{"unlabelled_weight": 0.3}'),
         *("--work", str(tmp_path / "work"), "--out", str(out)),
     )
     report = json.loads(out.read_text())
@@ -50,6 +50,8 @@ def test_semi_benchmark_scores_each_domain_with_the_slice_wise_plan(data_dir, tm
     assert set(report["unlabelled"]) == {"ACDC", "bSSFP", "LGE"}
     assert (report["runs"]["labelled only"]["lr"], report["runs"]["semi"]["lr"]) == (2e-3, 5e-4)
     assert report["semi_config"]["unlabelled_weight"] == 0.3
+    assert report["semi_config"]["unlabelled_batch_size"] == 1  # --batch-size: unlabelled scans only
+    assert report["runs"]["semi"]["batch_size"] == report["runs"]["labelled only"]["batch_size"] == 16
     for run in ("labelled only", "semi"):
         dice = report["runs"][run]["dice"]
         assert set(dice) == {"ACDC", "bSSFP", "LGE"}
