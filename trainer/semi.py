@@ -305,11 +305,10 @@ class _Sampler:
         return idx, views, torch.tensor(known)
 
 
-def _semi_loss(
+def _unlabelled_loss(
     student: GlobalLocalUNet,
     teacher: GlobalLocalUNet,
     lab: Views,
-    supervised: torch.Tensor,
     sampler: _Sampler,
     pool: ReliablePool,
     hardest: HardestScan,
@@ -318,8 +317,8 @@ def _semi_loss(
     generator: torch.Generator,
     device: str,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """One step's loss: ``supervised`` (the labelled batch ``lab``'s loss) + ramped (copy-paste both ways, with
-    the last step's hardest scan pasted into, + ramped symmetric guidance); updates the pool and the hardest scan."""
+    """One step's unlabelled terms: ramped (copy-paste both ways, with the last step's hardest scan pasted into,
+    ``lab``'s labelled views in it, + ramped symmetric guidance); updates the pool and the hardest scan."""
     n_classes = student.config.out_channels
     idx, views, known = sampler.mixed_views(pool, progress)
     plain, strong, ul, lu, ul_s, lu_s, donor, ref, box = (v.to(device) for v in views)
@@ -355,9 +354,8 @@ def _semi_loss(
     pool.update(idx, scores)
     hardest.remember(plain, plain_l, scores)
     weight = semi.unlabelled_weight * rampup(progress, semi.rampup)
-    loss = supervised + weight * (copy_paste + weight * guidance)
+    loss = weight * (copy_paste + weight * guidance)
     stats = {
-        "supervised": float(supervised.detach()),
         "copy_paste": float(copy_paste.detach()),
         "guidance": float(guidance.detach()),
         "unlabelled_weight": weight,
@@ -416,11 +414,10 @@ def train_semi(
     while step < cfg.steps:
         lab = next(labelled_batches).to(run.device)
         supervised = supervised_loss(student, lab, cfg, loss_fn)  # the labelled-only recipe's loss and batch
-        loss, stats = _semi_loss(
+        unlabelled_terms, stats = _unlabelled_loss(
             student,
             teacher,
             lab,
-            supervised,
             sampler,
             pool,
             hardest,
@@ -429,6 +426,8 @@ def train_semi(
             generator,
             run.device,
         )
+        loss = supervised + unlabelled_terms
+        stats["supervised"] = float(supervised.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
