@@ -188,6 +188,23 @@ def test_random_convolution_changes_appearance_not_shape():
     assert off["image"] is image
 
 
+def test_weak_augmentation_moves_voxels_and_keeps_their_appearance():
+    from trainer.augment import augment, training_augmentation, weak_augmentation
+
+    image = np.zeros((4, 32, 32), np.float32) + 10.0
+    image[:, 4:12, 6:26] = 20.0  # an off-centre bright box, so flips and rotations move it
+    label = (image > 15).astype(np.int64)
+    moved = 0
+    for seed in range(8):
+        out, lab = augment(weak_augmentation(seed), image, label)
+        assert out.min() >= 10.0 - 1e-4 and out.max() <= 20.0 + 1e-4  # nothing remapped, nothing standardised
+        assert np.mean(lab == (out > 15)) > 0.97  # labels follow the voxels (zoom: borders interpolated)
+        moved += not np.array_equal(out, image)
+    assert moved >= 4
+    recipe, _ = augment(training_augmentation(0, random_convolution_prob=1.0), image, label)
+    assert recipe.min() < 9.0  # the recipe's appearance changes would fail the range check above
+
+
 def test_prepared_dataset_keeps_scans_and_labels(phantom_dir, tmp_path):
     out = tmp_path / "phantoms.npz"
     labels_json = tmp_path / "labels.json"

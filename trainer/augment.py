@@ -124,6 +124,32 @@ class RandLocationScaled(RandomizableTransform, MapTransform):
         return out
 
 
+def _spatial() -> list[MapTransform]:
+    """In-plane flips, 90-degree rotations (sites differ in orientation) and scaling of image and label map."""
+    keys = ["image", "label"]
+    return [
+        RandFlipd(keys, prob=0.5, spatial_axis=1),
+        RandFlipd(keys, prob=0.5, spatial_axis=2),
+        RandRotate90d(keys, prob=0.5, max_k=3, spatial_axes=(1, 2)),
+        RandZoomd(
+            keys,
+            prob=0.3,
+            min_zoom=(1.0, 0.85, 0.85),
+            max_zoom=(1.0, 1.2, 1.2),
+            mode=("trilinear", "nearest"),
+            keep_size=True,
+        ),
+    ]
+
+
+def weak_augmentation(seed: int = 0) -> Compose:
+    """The spatial part of :func:`training_augmentation` alone: the weak view of a scan whose labels a teacher
+    gives, which keeps its own appearance, as a scan at test time does."""
+    aug = Compose(_spatial())
+    aug.set_random_state(seed)
+    return aug
+
+
 def training_augmentation(
     seed: int = 0,
     random_convolution_prob: float = 0.0,
@@ -134,20 +160,10 @@ def training_augmentation(
     """In-plane flips and 90-degree rotations (sites differ in orientation), scaling, gamma, noise, bias field;
     with the given probabilities, random-convolution remapping, random monotonic histogram curves and global or
     per-structure location-scale remapping."""
-    keys, img = ["image", "label"], ["image"]
+    img = ["image"]
     aug = Compose(
         [
-            RandFlipd(keys, prob=0.5, spatial_axis=1),
-            RandFlipd(keys, prob=0.5, spatial_axis=2),
-            RandRotate90d(keys, prob=0.5, max_k=3, spatial_axes=(1, 2)),
-            RandZoomd(
-                keys,
-                prob=0.3,
-                min_zoom=(1.0, 0.85, 0.85),
-                max_zoom=(1.0, 1.2, 1.2),
-                mode=("trilinear", "nearest"),
-                keep_size=True,
-            ),
+            *_spatial(),
             RandLocationScaled(img, prob=location_scale_prob, n_classes=n_classes),
             RandomConvolutionIntensityd(img, prob=random_convolution_prob),
             RandHistogramShiftd(img, num_control_points=(4, 12), prob=histogram_shift_prob),

@@ -2,7 +2,8 @@
 
 Mixed-domain semi-supervised training after UST-RUN (Ma et al., "Unleashing the Power of Intermediate Domains
 for Mixed Domain Semi-Supervised Medical Image Segmentation", IEEE TMI 2025), on global-local views with the
-masked pseudo-labelling of test-time ``mpl`` (:mod:`models.mpl`). Every step, for each unlabelled scan drawn:
+masked pseudo-labelling of test-time ``mpl`` (:mod:`models.mpl`). Scans to label or paste are only flipped,
+rotated and scaled: the teacher labels them in their own appearance. Every step, for each unlabelled scan drawn:
 - a scan to paste, labelled or from the pool of reliable unlabelled scans, has the low-frequency amplitude of
   its spectrum moved towards the unlabelled scan's, in the student's copy, by a random share of at most the
   training progress (random-amplitude MixUp);
@@ -37,7 +38,7 @@ from models.mpl import PseudoLabels, ema_update, mpl_pseudo_labels, mpl_student_
 from models.network import GlobalLocalUNet
 from models.sampling import Views
 from models.terms import TrainMode
-from trainer.augment import augment, strong_augmentation
+from trainer.augment import augment, strong_augmentation, weak_augmentation
 from trainer.config import SemiConfig, TrainConfig
 from trainer.data import TrainingCase, source_volume_ranges
 from trainer.mixing import aligned_views, amplitude_mix, cutmix_box, fit_to, paste
@@ -49,7 +50,6 @@ from trainer.train import (
     TrainRun,
     keep_best,
     one_cycle,
-    recipe_augmentation,
     resume_checkpoint,
     save_checkpoint,
     supervised_loss,
@@ -249,7 +249,7 @@ class _Sampler:
         self.labelled, self.unlabelled, self.cfg, self.semi = labelled, unlabelled, cfg, semi
         self.rng = np.random.default_rng([cfg.seed, step])
         seed = int(self.rng.integers(2**31))
-        self.weak = recipe_augmentation(cfg, seed, labelled)
+        self.weak = weak_augmentation(seed)  # the teacher labels scans in their own appearance
         self.strong = strong_augmentation(seed + 1)
 
     def _case(self, case: TrainingCase, labelled: bool) -> tuple[np.ndarray, np.ndarray | None]:
