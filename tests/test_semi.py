@@ -162,14 +162,14 @@ def test_intermediate_scans_keep_grid_anatomy_and_alignment():
     assert set(views[1].global_view.unique().tolist()) <= {0.0, 1.0}  # maps are sampled nearest
 
 
-def test_reliable_pool_admits_easy_scans_and_follows_their_hardness():
-    pool = ReliablePool(SemiConfig(reliable_pool=2, reliable_hardness=0.1, reliable_growth=2.0))
-    pool.update([0, 1, 2], [0.05, 0.5, 0.02])
-    assert [i for i, _ in pool.members] == [0, 2] and pool.threshold == 0.05
-    pool.update([3], [0.5])
-    assert pool.threshold == 0.1  # grown back, never above its start
-    pool.update([4], [0.01])
-    assert [i for i, _ in pool.members] == [4, 0]
+def test_reliable_pool_keeps_the_newest_easy_scans():
+    pool = ReliablePool(SemiConfig(reliable_pool=2, reliable_hardness=0.1))
+    pool.update([0, 1, 2], [0.0, 0.5, 0.0])  # the first step: the student is its teacher
+    assert [i for i, _ in pool.members] == [0, 2]
+    pool.update([3], [0.09])  # the threshold stays: a later scan is admitted, the oldest leaves
+    assert [i for i, _ in pool.members] == [3, 0]
+    pool.update([0, 4], [0.02, 0.3])  # a scan admitted again moves up, once
+    assert [i for i, _ in pool.members] == [0, 3]
     assert ReliablePool(SemiConfig(), pool.state()).members == pool.members
 
 

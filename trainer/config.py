@@ -104,5 +104,4 @@ class SemiConfig(BaseModel):
     box_aspect: tuple[float, float] = (0.3, 1 / 0.3)
     reliable_pool: int = 10  # unlabelled scans whose pseudo-labels the student already reproduces
     reliable_hardness: float = 0.1  # 1 - student/teacher Dice below which a scan counts as reliable
-    reliable_growth: float = 1.0005  # the threshold grows by this factor after a step that admits none
     reliable_share: float = 0.5  # share of pasted scans drawn from the reliable pool once it holds any

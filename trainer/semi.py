@@ -13,8 +13,7 @@ rotated and scaled: the teacher labels them in their own appearance. Every step,
 - symmetric guidance: the teacher labels both intermediate scans; each unlabelled voxel takes the label it got
   where it kept its own surroundings, and counts only where that label agrees with the teacher's label of the
   plain scan; the student learns the strongly perturbed plain scan from these merged labels;
-- a scan whose pseudo-labels the student already reproduces joins the reliable pool (a threshold that follows
-  the pool's hardness);
+- a scan whose pseudo-labels the student already reproduces joins the reliable pool of the newest such scans;
 - the scan it reproduces worst is kept, and the next step pastes a labelled scan into it, in the box that covers
   both scans' structures (:class:`HardestScan`).
 The labelled scans are learned as the labelled-only recipe learns them (its batch, augmentation and loss, weight
@@ -87,30 +86,22 @@ def hardness(student_labels: torch.Tensor, teacher_labels: torch.Tensor, n_class
 
 
 class ReliablePool:
-    """Unlabelled scans (by index) whose pseudo-labels the student reproduced; the newest ``size`` are kept.
-
-    The admission threshold drops to the hardest scan kept, and grows back by ``growth`` (up to its start)
-    after a step that admits none, so the pool follows the student's progress.
-    """
+    """Unlabelled scans (by index) whose pseudo-labels the student reproduced within ``reliable_hardness``; the
+    newest ``reliable_pool`` are kept, so the pool follows the student's progress."""
 
     def __init__(self, cfg: SemiConfig, state: dict | None = None) -> None:
-        self.size, self.start, self.growth = cfg.reliable_pool, cfg.reliable_hardness, cfg.reliable_growth
-        state = state or {}
-        self.members: list[tuple[int, float]] = [tuple(m) for m in state.get("members", [])]
-        self.threshold: float = state.get("threshold", self.start)
+        self.size, self.threshold = cfg.reliable_pool, cfg.reliable_hardness
+        self.members: list[tuple[int, float]] = [tuple(m) for m in (state or {}).get("members", [])]
 
     def update(self, indices: Sequence[int], scores: Sequence[float]) -> None:
-        """Admit the scans whose hardness is below the threshold; adjust the threshold."""
+        """Admit the scans whose hardness is below the threshold, newest first; a scan already kept moves up."""
         new = [(int(i), float(h)) for i, h in zip(indices, scores, strict=True) if h < self.threshold]
-        if new:
-            self.members = (new + self.members)[: self.size]
-            self.threshold = min(self.threshold, max(h for _, h in self.members))
-        else:
-            self.threshold = min(self.threshold * self.growth, self.start)
+        kept = {i for i, _ in new}
+        self.members = (new + [m for m in self.members if m[0] not in kept])[: self.size]
 
     def state(self) -> dict:
         """What a checkpoint keeps."""
-        return {"members": self.members, "threshold": self.threshold}
+        return {"members": self.members}
 
 
 def cover_box(region: torch.Tensor, rng: np.random.Generator, semi: SemiConfig) -> torch.Tensor:
