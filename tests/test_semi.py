@@ -165,11 +165,11 @@ def test_intermediate_scans_keep_grid_anatomy_and_alignment():
 def test_reliable_pool_keeps_the_newest_easy_scans():
     pool = ReliablePool(SemiConfig(reliable_pool=2, reliable_hardness=0.1))
     pool.update([0, 1, 2], [0.0, 0.5, 0.0])  # the first step: the student is its teacher
-    assert [i for i, _ in pool.members] == [0, 2]
+    assert pool.members == [0, 2]
     pool.update([3], [0.09])  # the threshold stays: a later scan is admitted, the oldest leaves
-    assert [i for i, _ in pool.members] == [3, 0]
+    assert pool.members == [3, 0]
     pool.update([0, 4], [0.02, 0.3])  # a scan admitted again moves up, once
-    assert [i for i, _ in pool.members] == [0, 3]
+    assert pool.members == [0, 3]
     assert ReliablePool(SemiConfig(), pool.state()).members == pool.members
 
 

@@ -91,13 +91,12 @@ class ReliablePool:
 
     def __init__(self, cfg: SemiConfig, state: dict | None = None) -> None:
         self.size, self.threshold = cfg.reliable_pool, cfg.reliable_hardness
-        self.members: list[tuple[int, float]] = [tuple(m) for m in (state or {}).get("members", [])]
+        self.members: list[int] = list((state or {}).get("members", []))
 
     def update(self, indices: Sequence[int], scores: Sequence[float]) -> None:
         """Admit the scans whose hardness is below the threshold, newest first; a scan already kept moves up."""
-        new = [(int(i), float(h)) for i, h in zip(indices, scores, strict=True) if h < self.threshold]
-        kept = {i for i, _ in new}
-        self.members = (new + [m for m in self.members if m[0] not in kept])[: self.size]
+        new = [int(i) for i, h in zip(indices, scores, strict=True) if h < self.threshold]
+        self.members = (new + [i for i in self.members if i not in new])[: self.size]
 
     def state(self) -> dict:
         """What a checkpoint keeps."""
@@ -261,7 +260,7 @@ class _Sampler:
             u, _ = self._case(self.unlabelled[i], False)
             if pool.members and rng.random() < semi.reliable_share:
                 donor, labels = self._case(
-                    self.unlabelled[pool.members[rng.integers(len(pool.members))][0]], False
+                    self.unlabelled[pool.members[rng.integers(len(pool.members))]], False
                 )
                 labels = np.zeros_like(donor, dtype=np.int64)
                 known.append(False)
