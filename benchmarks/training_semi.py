@@ -37,10 +37,10 @@ def _files(folder: str) -> list[Path]:
     return image_files(DATA / folder)
 
 
-def _split(pool_limit: int | None) -> tuple[list[Path], dict[str, list[Path]]]:
-    """The labelled bSSFP files, and each domain's unlabelled files (at most ``pool_limit``)."""
+def _split(pool_limit: int | None, domains: list[str]) -> tuple[list[Path], dict[str, list[Path]]]:
+    """The labelled bSSFP files, and the unlabelled files of each of ``domains`` (at most ``pool_limit``)."""
     labelled = _files(DOMAINS[LABELLED_DOMAIN][0])[:LABELLED_SCANS]
-    pool = {d: [p for p in _files(images) if p not in labelled] for d, (images, _) in DOMAINS.items()}
+    pool = {d: [p for p in _files(DOMAINS[d][0]) if p not in labelled] for d in domains}
     return labelled, {d: files[:pool_limit] for d, files in pool.items()}
 
 
@@ -91,6 +91,13 @@ def main() -> None:
     parser.add_argument("--config", default=None, help="JSON object of further TrainConfig fields")
     parser.add_argument("--semi-config", default=None, help="JSON object of SemiConfig fields")
     parser.add_argument("--pool-limit", type=int, default=None, help="at most N unlabelled scans per domain")
+    parser.add_argument(
+        "--pool-domains",
+        nargs="+",
+        choices=list(DOMAINS),
+        default=list(DOMAINS),
+        help="domains whose scans form the unlabelled pool (every domain is scored)",
+    )
     parser.add_argument("--score-limit", type=int, default=None, help="score at most N scans per domain")
     parser.add_argument("--work", type=Path, default=Path("runs/semi-benchmark"), help="checkpoints; resumes")
     parser.add_argument("--device", default="cpu")
@@ -118,7 +125,7 @@ def main() -> None:
     )
     names = {int(k): v for k, v in json.loads((DATA / "cardiac/labels.json").read_text()).items()}
     grid = {"spacing": cfg.target_spacing, "normalisation": cfg.normalisation}
-    labelled_files, pool_files = _split(args.pool_limit)
+    labelled_files, pool_files = _split(args.pool_limit, args.pool_domains)
     labels_dir = DATA / DOMAINS[LABELLED_DOMAIN][1]
     labelled = [load_case(p, labels_dir / p.name, **grid, n_classes=len(names)) for p in labelled_files]
     pool = [load_case(p, None, **grid) for files in pool_files.values() for p in files]
