@@ -98,19 +98,30 @@ def main() -> None:
         default=list(DOMAINS),
         help="domains whose scans form the unlabelled pool (every domain is scored)",
     )
+    parser.add_argument(
+        "--labelled-only",
+        type=Path,
+        default=None,
+        help="a labelled-only bundle of the five labelled scans to start semi from, instead of training one "
+        "(its card's recipe replaces --plan, --steps and --config)",
+    )
     parser.add_argument("--score-limit", type=int, default=None, help="score at most N scans per domain")
     parser.add_argument("--work", type=Path, default=Path("runs/semi-benchmark"), help="checkpoints; resumes")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=RESULTS / "training_semi.json")
     args = parser.parse_args()
 
+    from models.bundle import load_bundle
     from trainer.config import SemiConfig, TrainConfig
     from trainer.data import load_case
     from trainer.semi import train_semi
     from trainer.train import TrainRun, train_source
 
+    given = load_bundle(args.labelled_only) if args.labelled_only else None
     cfg = TrainConfig.model_validate(
-        {
+        given.card.training["config"]
+        if given
+        else {
             **PLANS[Plan(args.plan)],
             "steps": args.steps,
             "val_every": max(1, min(250, args.steps)),
@@ -130,7 +141,11 @@ def main() -> None:
     labelled = [load_case(p, labels_dir / p.name, **grid, n_classes=len(names)) for p in labelled_files]
     pool = [load_case(p, None, **grid) for files in pool_files.values() for p in files]
     heart = {"device": args.device, "largest_component": LargestComponent.foreground}
-    alone = train_source(
+    if given and given.card.training.get("train_cases") != [c.case for c in labelled]:
+        parser.error(
+            f"{args.labelled_only} was not trained on the labelled scans {[c.case for c in labelled]}"
+        )
+    alone = given or train_source(
         labelled,
         [],
         names,
@@ -176,6 +191,7 @@ def main() -> None:
                 "lr": b.card.training["config"]["lr"],
                 "batch_size": b.card.training["config"]["batch_size"],
                 "seconds": b.card.training["seconds"],
+                "device": b.card.training["device"],
                 "dice": _score(b, scored),
             }
             for name, b in runs.items()

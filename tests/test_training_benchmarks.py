@@ -14,11 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _benchmark(module: str, *args: str) -> None:
+def _benchmark(module: str, *args: str, returncode: int = 0) -> str:
     proc = subprocess.run(
         [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=1200
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.returncode == returncode, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stderr
 
 
 def test_training_modes_benchmark_scores_every_row(data_dir, tmp_path):
@@ -57,3 +58,25 @@ def test_semi_benchmark_scores_each_domain_with_the_slice_wise_plan(data_dir, tm
         dice = report["runs"][run]["dice"]
         assert set(dice) == {"ACDC", "bSSFP", "LGE"}
         assert all(0.0 <= d["mean_dice"] <= 1.0 and len(d["scans"]) == 1 for d in dice.values())
+
+    # semi from that labelled-only bundle, without training another: the same model scores the same
+    again = tmp_path / "semi-again.json"
+    small = ("--semi-steps", "1", "--pool-limit", "1", "--score-limit", "1", "--batch-size", "1")
+    _benchmark(
+        "benchmarks.training_semi",
+        *("--labelled-only", str(tmp_path / "work" / "alone-bundle"), *small),
+        *("--work", str(tmp_path / "work-again"), "--out", str(again)),
+    )
+    second = json.loads(again.read_text())
+    assert not (tmp_path / "work-again" / "alone").exists()
+    assert second["runs"]["labelled only"]["dice"] == report["runs"]["labelled only"]["dice"]
+    assert second["runs"]["labelled only"]["steps"] == 2 and second["runs"]["semi"]["steps"] == 1
+    # a bundle trained on other scans is refused before any training
+    error = _benchmark(
+        "benchmarks.training_semi",
+        *("--labelled-only", str(ROOT / "bundles" / "cardiac-bssfp"), *small),
+        *("--work", str(tmp_path / "work-refused"), "--out", str(tmp_path / "refused.json")),
+        returncode=2,
+    )
+    assert "was not trained on the labelled scans" in error
+    assert not (tmp_path / "work-refused").exists()
