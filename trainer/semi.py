@@ -11,8 +11,9 @@ rotated and scaled: the teacher labels them in their own appearance. Every step,
   reverse; the student learns them (with a stronger appearance perturbation of the unlabelled part) from the
   labels, or the teacher's pseudo-labels, mixed the same way;
 - symmetric guidance: the teacher labels both intermediate scans; each unlabelled voxel takes the label it got
-  where it kept its own surroundings, and counts only where that label agrees with the teacher's label of the
-  plain scan; the student learns the strongly perturbed plain scan from these merged labels;
+  in the one that holds it (inside the box: pasted around; outside: around the pasted box), and counts only
+  where that label agrees with the teacher's label of the plain scan; the student learns the strongly
+  perturbed plain scan from these merged labels;
 - a scan whose pseudo-labels the student already reproduces joins the reliable pool of the newest such scans;
 - the scan it reproduces worst is kept, and the next step pastes a labelled scan into it, in the box that covers
   both scans' structures (:class:`HardestScan`).
