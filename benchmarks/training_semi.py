@@ -1,13 +1,16 @@
 """Mixed-domain semi-supervised training (``ttaseg train --mode semi``) against the labelled scans alone.
 
 Five labelled bSSFP scans; unlabelled ACDC, bSSFP and LGE scans pooled without domain labels. The labelled-only
-model trains first (supervised, the shipped recipe); ``semi`` starts from its weights and adds the unlabelled
-pool. Both are scored per domain, on the model grid's prediction mapped back to each scan's own grid, against the
-labels of scans that neither run trained on with labels: every ACDC scan, the 20 other bSSFP scans and the 5 LGE
-``val`` scans (LGE labels are used for scoring only). Both runs checkpoint into ``--work`` and resume after a kill.
-Prints a table per domain and writes JSON with the machine and the seconds each run took.
+model trains first (supervised, the shipped recipe) or is given (``--labelled-only``); ``semi`` starts from its
+weights and adds the unlabelled pool. Both are scored per domain, on the model grid's prediction mapped back to
+each scan's own grid, against the labels of scans that neither run trained on with labels: every ACDC scan, the
+20 other bSSFP scans and the 5 LGE ``val`` scans (LGE labels are used for scoring only). Both runs checkpoint
+into ``--work`` and resume after a kill. Prints a table per domain and writes JSON with the machine and the
+seconds each run took.
 
     .venv/bin/python -m benchmarks.training_semi --steps 5000 --semi-steps 2000
+    .venv/bin/python -m benchmarks.training_semi --labelled-only benchmarks/bundles/bssfp-few --semi-steps 200 \
+        --semi-lr 5e-4  # semi alone, from the repository's labelled-only model (1500 steps of the recipe)
     .venv/bin/python -m benchmarks.training_semi --steps 2 --semi-steps 2 --pool-limit 1 --score-limit 1  # smoke
 """
 
