@@ -114,13 +114,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "training_semi.json")
     args = parser.parse_args()
 
-    from models.bundle import load_bundle
+    from models.bundle import BundleError, load_bundle
+    from models.io import case_name
     from trainer.config import SemiConfig, TrainConfig
     from trainer.data import load_case
     from trainer.semi import train_semi
     from trainer.train import TrainRun, train_source
 
-    given = load_bundle(args.labelled_only) if args.labelled_only else None
+    labelled_files, pool_files = _split(args.pool_limit, args.pool_domains)
+    try:
+        given = load_bundle(args.labelled_only) if args.labelled_only else None
+    except BundleError as exc:
+        parser.error(str(exc))
+    wanted = [case_name(p) for p in labelled_files]
+    if given and given.card.training.get("train_cases") != wanted:
+        parser.error(f"{args.labelled_only} was not trained on the labelled scans {wanted}")
     cfg = TrainConfig.model_validate(
         given.card.training["config"]
         if given
@@ -139,15 +147,10 @@ def main() -> None:
     )
     names = {int(k): v for k, v in json.loads((DATA / "cardiac/labels.json").read_text()).items()}
     grid = {"spacing": cfg.target_spacing, "normalisation": cfg.normalisation}
-    labelled_files, pool_files = _split(args.pool_limit, args.pool_domains)
     labels_dir = DATA / DOMAINS[LABELLED_DOMAIN][1]
     labelled = [load_case(p, labels_dir / p.name, **grid, n_classes=len(names)) for p in labelled_files]
     pool = [load_case(p, None, **grid) for files in pool_files.values() for p in files]
     heart = {"device": args.device, "largest_component": LargestComponent.foreground}
-    if given and given.card.training.get("train_cases") != [c.case for c in labelled]:
-        parser.error(
-            f"{args.labelled_only} was not trained on the labelled scans {[c.case for c in labelled]}"
-        )
     alone = given or train_source(
         labelled,
         [],
