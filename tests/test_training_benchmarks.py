@@ -80,3 +80,12 @@ def test_semi_benchmark_scores_each_domain_with_the_slice_wise_plan(data_dir, tm
     )
     assert "was not trained on the labelled scans" in error
     assert not (tmp_path / "work-refused").exists()
+    # a folder that is no bundle is a usage error, not a traceback
+    error = _benchmark(
+        "benchmarks.training_semi",
+        *("--labelled-only", str(tmp_path), *small),
+        *("--work", str(tmp_path / "work-refused"), "--out", str(tmp_path / "refused.json")),
+        returncode=2,
+    )
+    assert "not a bundle" in error and "Traceback" not in error
+    assert not (tmp_path / "work-refused").exists()
