@@ -112,7 +112,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/semi-benchmark"), help="checkpoints; resumes")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=RESULTS / "training_semi.json")
+    parser.add_argument(
+        "--report", type=Path, default=None, help="print the tables of a JSON this benchmark wrote, and stop"
+    )
     args = parser.parse_args()
+    if args.report:
+        print_table(json.loads(args.report.read_text()))
+        return
 
     from models.bundle import BundleError, load_bundle
     from models.io import case_name
@@ -208,7 +214,8 @@ def main() -> None:
 
 
 def print_table(report: dict) -> None:
-    """Markdown table: mean Dice per domain of each run, their mean over domains, and each run's seconds."""
+    """Markdown table: mean Dice per domain of each run, their mean over domains, and each run's seconds; then,
+    per domain, how many scans each later run segments better and worse than the first (labelled only)."""
     runs = report["runs"]
     print(
         "\n| run | steps | seconds | " + " | ".join(f"Dice {d}" for d in DOMAINS) + " | mean over domains |"
@@ -218,6 +225,16 @@ def print_table(report: dict) -> None:
         dice = [run["dice"][d]["mean_dice"] for d in DOMAINS]
         cells = [name, str(run["steps"]), f"{run['seconds']:.0f}", *(f"{v:.3f}" for v in dice)]
         print("| " + " | ".join(cells) + f" | **{np.mean(dice):.3f}** |")
+    (first, base), *later = runs.items()
+    print("\n| run | " + " | ".join(f"{d}: better / worse than {first}" for d in DOMAINS) + " |")
+    print("|" + "---|" * (1 + len(DOMAINS)))
+    for name, run in later:
+        cells = []
+        for d in DOMAINS:
+            before, after = base["dice"][d]["scans"], run["dice"][d]["scans"]
+            change = np.array([after[k] - before[k] for k in before])
+            cells.append(f"{(change > 0).sum()} / {(change < 0).sum()} of {len(change)}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

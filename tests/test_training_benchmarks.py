@@ -11,17 +11,36 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
 
 
-def _benchmark(module: str, *args: str, returncode: int = 0) -> str:
+def _run(module: str, *args: str, returncode: int = 0) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=1200
     )
     assert proc.returncode == returncode, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc.stderr
+    return proc
 
 
+def _benchmark(module: str, *args: str, returncode: int = 0) -> str:
+    return _run(module, *args, returncode=returncode).stderr
+
+
+def test_semi_report_counts_the_scans_each_run_changes(tmp_path):
+    def run(seconds: float, **scans: dict[str, float]) -> dict:
+        dice = {d: {"mean_dice": sum(s.values()) / len(s), "scans": s} for d, s in scans.items()}
+        return {"steps": 10, "seconds": seconds, "dice": dice}
+
+    before = {"ACDC": {"a": 0.5, "b": 0.6, "c": 0.7}, "bSSFP": {"d": 0.8}, "LGE": {"e": 0.7, "f": 0.7}}
+    after = {"ACDC": {"a": 0.6, "b": 0.7, "c": 0.6}, "bSSFP": {"d": 0.8}, "LGE": {"e": 0.9, "f": 0.6}}
+    report = {"runs": {"labelled only": run(100, **before), "semi": run(50, **after)}}
+    path = tmp_path / "semi.json"
+    path.write_text(json.dumps(report))
+    lines = _run("benchmarks.training_semi", "--report", str(path)).stdout.splitlines()
+    assert "| labelled only | 10 | 100 | 0.600 | 0.800 | 0.700 | **0.700** |" in lines
+    assert "| semi | 2 / 1 of 3 | 0 / 0 of 1 | 1 / 1 of 2 |" in lines
+
+
+@pytest.mark.slow
 def test_training_modes_benchmark_scores_every_row(data_dir, tmp_path):
     out = tmp_path / "modes.json"
     _benchmark(
@@ -38,6 +57,7 @@ def test_training_modes_benchmark_scores_every_row(data_dir, tmp_path):
     assert report["rows"]["federated"]["bytes_per_round"] > 1e6  # the weights, both ways
 
 
+@pytest.mark.slow
 def test_semi_benchmark_scores_each_domain_with_the_slice_wise_plan(data_dir, tmp_path):
     out = tmp_path / "semi.json"
     _benchmark(
