@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import DATA, RESULTS, command, dice_per_scan, machine, write_json
+from benchmarks.common import DATA, RESULTS, command, dice_per_scan, machine, scored, write_json
 from models.postprocessing import LargestComponent
 from trainer.config import PLANS, Plan
 
@@ -69,7 +69,7 @@ def _score(bundle, files: dict[str, list[Path]]) -> dict[str, dict]:
     for d, paths in files.items():
         scans = load_scans(paths, bundle, None)
         per_scan = dice_per_scan(net, scans, DATA / DOMAINS[d][1], card, settings)
-        result[d] = {"mean_dice": round(float(np.mean(list(per_scan.values()))), 4), "scans": per_scan}
+        result[d] = scored(per_scan)
     return result
 
 
@@ -188,7 +188,7 @@ def main() -> None:
         semi_settings,
         progress=lambda step, status: print(f"semi: step {step} {status}", flush=True),
     )
-    scored = _scored(labelled_files, args.score_limit)
+    score_files = _scored(labelled_files, args.score_limit)
     runs = {"labelled only": alone, "semi": semi}
     report = {
         "labelled": [p.name for p in labelled_files],
@@ -204,7 +204,7 @@ def main() -> None:
                 "batch_size": b.card.training["config"]["batch_size"],
                 "seconds": b.card.training["seconds"],
                 "device": b.card.training["device"],
-                "dice": _score(b, scored),
+                "dice": _score(b, score_files),
             }
             for name, b in runs.items()
         },
