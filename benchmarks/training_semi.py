@@ -117,7 +117,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.report:
-        print_table(json.loads(args.report.read_text()))
+        try:
+            print_table(json.loads(args.report.read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            parser.error(f"--report {args.report}: not a JSON this benchmark wrote ({exc!r})")
         return
 
     from models.bundle import BundleError, load_bundle

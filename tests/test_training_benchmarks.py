@@ -40,6 +40,15 @@ def test_semi_report_counts_the_scans_each_run_changes(tmp_path):
     assert "| semi | 2 / 1 of 3 | 0 / 0 of 1 | 1 / 1 of 2 |" in lines
 
 
+def test_semi_report_of_a_file_it_did_not_write_is_a_usage_error(tmp_path):
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"runs": {"labelled only": {"steps": 1}}}))
+    for path in (tmp_path / "missing.json", other):
+        err = _benchmark("benchmarks.training_semi", "--report", str(path), returncode=2)
+        assert f"--report {path}: not a JSON this benchmark wrote" in err
+        assert "Traceback" not in err
+
+
 @pytest.mark.slow
 def test_training_modes_benchmark_scores_every_row(data_dir, tmp_path):
     out = tmp_path / "modes.json"
