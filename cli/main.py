@@ -128,7 +128,7 @@ def evaluate(
     json_out: Annotated[Path | None, typer.Option("--json", help="write the metrics as JSON here")] = None,
     bundles: Bundles = None,
 ) -> None:
-    """Dice, HD95 and ASSD per structure and their means (MONAI metrics)."""
+    """Dice, HD95 and ASSD (MONAI metrics) and predicted over reference volume per structure, and their means."""
     from models.bundle import BundleError, resolve_bundle
     from models.evaluation import evaluate_folders
 
@@ -142,9 +142,13 @@ def evaluate(
         dices = [m[s]["dice"] for s in m]
         table.add_row(case, *(f"{d:.3f}" for d in dices), f"{sum(dices) / len(dices):.3f}")
     Console().print(table)
-    summary = Table("structure", "Dice", "HD95 (mm)", "ASSD (mm)", title="mean over cases")
+    summary = Table(
+        "structure", "Dice", "HD95 (mm)", "ASSD (mm)", "volume / reference", title="mean over cases"
+    )
     for s, m in result["mean"].items():
-        summary.add_row(s, f"{m['dice']:.3f}", f"{m['hd95']:.2f}", f"{m['assd']:.2f}")
+        summary.add_row(
+            s, f"{m['dice']:.3f}", f"{m['hd95']:.2f}", f"{m['assd']:.2f}", f"{m['volume_ratio']:.3f}"
+        )
     Console().print(summary)
     if json_out:
         json_out.write_text(json.dumps(result, indent=2))

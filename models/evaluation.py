@@ -1,4 +1,5 @@
-"""Dice, HD95 and ASSD per structure (MONAI metrics) of predicted label maps against reference labels."""
+"""Dice, HD95 and ASSD per structure (MONAI metrics) of predicted label maps against reference labels, and each
+structure's predicted volume as a share of its reference volume (above 1: over-segmented)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ from monai.networks.utils import one_hot
 
 from models.io import IMAGE_SUFFIXES, case_name
 
+METRICS = ("dice", "hd95", "assd", "volume_ratio")
+
 
 def evaluate_case(pred: sitk.Image, ref: sitk.Image, labels: dict[int, str]) -> dict[str, dict[str, float]]:
-    """Metrics per structure in mm (on the reference grid; the prediction must share it)."""
+    """Per structure: Dice, HD95 and ASSD in mm, and the predicted volume over the reference volume (NaN where
+    the reference lacks the structure); on the reference grid, which the prediction must share."""
     if pred.GetSize() != ref.GetSize():
         raise ValueError(f"prediction size {pred.GetSize()} != label size {ref.GetSize()}")
     n = max(labels) + 1
@@ -26,10 +30,10 @@ def evaluate_case(pred: sitk.Image, ref: sitk.Image, labels: dict[int, str]) -> 
     assd = compute_average_surface_distance(p, r, include_background=False, symmetric=True, spacing=spacing)[
         0
     ]
-    out = {}
-    for i, k in enumerate(k for k in sorted(labels) if k != 0):
-        out[labels[k]] = {"dice": float(dice[i]), "hd95": float(hd95[i]), "assd": float(assd[i])}
-    return out
+    pred_voxels, ref_voxels = p[0, 1:].sum(dim=(1, 2, 3)), r[0, 1:].sum(dim=(1, 2, 3))
+    volume_ratio = torch.where(ref_voxels > 0, pred_voxels / ref_voxels.clamp_min(1), torch.nan)
+    values = dict(zip(METRICS, (dice, hd95, assd, volume_ratio), strict=True))  # channel k - 1 is label k
+    return {labels[k]: {m: float(v[k - 1]) for m, v in values.items()} for k in sorted(labels) if k != 0}
 
 
 def evaluate_folders(pred_dir: str | Path, label_dir: str | Path, labels: dict[int, str]) -> dict:
@@ -43,9 +47,6 @@ def evaluate_folders(pred_dir: str | Path, label_dir: str | Path, labels: dict[i
     if not cases:
         raise ValueError(f"no prediction in {pred_dir} matches a label in {label_dir} by case name")
     structures = [labels[k] for k in sorted(labels) if k != 0]
-    mean = {
-        s: {m: float(np.nanmean([c[s][m] for c in cases.values()])) for m in ("dice", "hd95", "assd")}
-        for s in structures
-    }
-    mean["mean"] = {m: float(np.nanmean([mean[s][m] for s in structures])) for m in ("dice", "hd95", "assd")}
+    mean = {s: {m: float(np.nanmean([c[s][m] for c in cases.values()])) for m in METRICS} for s in structures}
+    mean["mean"] = {m: float(np.nanmean([mean[s][m] for s in structures])) for m in METRICS}
     return {"cases": cases, "mean": mean}

@@ -59,6 +59,8 @@ def test_segment_then_evaluate(tiny_bundle, phantom_dir, tmp_path):
     assert set(summary["cases"]) == {"case06", "case07"}
     assert summary["mean"]["mean"]["dice"] > 0.5
     assert np.isfinite(summary["mean"]["core"]["hd95"])
+    assert 0.5 < summary["mean"]["core"]["volume_ratio"] < 2.0
+    assert "volume / reference" in result.output
 
 
 def test_bad_input_and_unknown_model_exit_with_reason(tiny_bundle, tmp_path):
