@@ -95,7 +95,8 @@ class SemiConfig(BaseModel):
     where they apply (EMA 0.99, low-frequency band 0.01, boxes of 2-40% of a slice, a pool of 10 reliable scans).
     """
 
-    mpl: MplConfig = MplConfig(ema=0.99)
+    # unmasked views (the masked one is then a second plain view): 1 point above 70% block masks on the cardiac data
+    mpl: MplConfig = MplConfig(ema=0.99, mask_ratio=0.0)
     unlabelled_batch_size: int = 2  # unlabelled scans a step (the labelled batch is TrainConfig's batch_size)
     unlabelled_weight: float = 1.0  # copy-paste terms' weight once ramped up (symmetric guidance: squared)
     rampup: float = 1.0  # share of the steps over which the unlabelled weight rises (sigmoid ramp)
