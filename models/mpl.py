@@ -137,19 +137,26 @@ def mpl_student_loss(
 ) -> StudentLoss:
     """The student's pseudo-label loss on block-masked views (and the unmasked ones with
     ``cfg.student_sees_unmasked``): local head + ``global_weight`` x global head + ``cosine_weight`` x
-    local-global cosine term. The masks are drawn on the CPU from ``generator``."""
+    local-global cosine term. The masks are drawn on the CPU from ``generator``. Without masks
+    (``cfg.mask_ratio`` 0) the masked view is the plain one: it runs once, at the weight of the views it stands for.
+    """
     local, gview, box = views.local, views.global_view, views.box
-    mask_l = block_mask(local.shape, cfg.mask_block, cfg.mask_ratio, generator).to(local.device)
-    mask_g = block_mask(gview.shape, cfg.mask_block, cfg.mask_ratio, generator).to(local.device)
+    if cfg.mask_ratio > 0:
+        mask_l = block_mask(local.shape, cfg.mask_block, cfg.mask_ratio, generator).to(local.device)
+        mask_g = block_mask(gview.shape, cfg.mask_block, cfg.mask_ratio, generator).to(local.device)
+        inputs = [(local * mask_l, gview * mask_g, 1.0)]
+        inputs += [(local, gview, 1.0)] if cfg.student_sees_unmasked else []
+    else:
+        inputs = [(local, gview, 2.0 if cfg.student_sees_unmasked else 1.0)]
     loss = torch.zeros((), device=local.device)
-    inputs = [(local * mask_l, gview * mask_g)] + ([(local, gview)] if cfg.student_sees_unmasked else [])
-    for loc_in, glob_in in inputs:
+    for loc_in, glob_in, weight in inputs:
         out = student(loc_in, glob_in, box)
-        loss = loss + pseudo_label_loss(out.local_logits, pseudo.local, pseudo.local_weight, cfg.dice_weight)
-        loss = loss + cfg.global_weight * pseudo_label_loss(
+        view_loss = pseudo_label_loss(out.local_logits, pseudo.local, pseudo.local_weight, cfg.dice_weight)
+        view_loss = view_loss + cfg.global_weight * pseudo_label_loss(
             out.global_logits, pseudo.global_, pseudo.global_weight, cfg.dice_weight
         )
-        loss = loss + cfg.cosine_weight * cosine_consistency(out.local_features, out.global_context)
+        view_loss = view_loss + cfg.cosine_weight * cosine_consistency(out.local_features, out.global_context)
+        loss = loss + weight * view_loss
     # agreement of the student's last view (unmasked when it sees one) with the teacher's labels
     agreement = float((out.local_logits.argmax(1) == pseudo.local).float().mean())
     return StudentLoss(loss, agreement)

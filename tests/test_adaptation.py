@@ -411,6 +411,39 @@ def test_mirrored_teacher_labels_a_mirrored_scan_as_the_mirror_image():
         AdaptConfig(teacher_flips=(3,))
 
 
+def test_student_without_masks_runs_its_plain_view_once_at_the_weight_of_two():
+    """With ``mask_ratio`` 0 the masked view equals the plain one: one forward pass, the same loss and gradient."""
+    import torch
+
+    from models.mpl import mpl_pseudo_labels, mpl_student_loss
+    from models.mpl_config import MplConfig
+    from models.network import GlobalLocalUNet
+    from models.sampling import Views
+
+    torch.manual_seed(0)
+    student, teacher = GlobalLocalUNet(PHANTOM_NETWORK), GlobalLocalUNet(PHANTOM_NETWORK).eval()
+    views = Views(
+        torch.randn(2, 1, *PHANTOM_PATCH),
+        torch.randn(2, 1, *PHANTOM_PATCH),
+        torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.5, 0.5]] * 2),
+    )
+    cfg = MplConfig(mask_ratio=0.0, confidence=0.0)
+    pseudo = mpl_pseudo_labels(teacher, views, cfg)
+    calls = []
+    student.register_forward_hook(lambda *_: calls.append(1))
+    once = mpl_student_loss(student, views, pseudo, cfg).loss
+    (grad_once,) = torch.autograd.grad(once, student.head.conv.conv.weight)
+    plain = mpl_student_loss(
+        student, views, pseudo, cfg.model_copy(update={"student_sees_unmasked": False})
+    ).loss
+    (grad_plain,) = torch.autograd.grad(plain, student.head.conv.conv.weight)
+    assert len(calls) == 2  # one pass each
+    assert torch.allclose(once, 2 * plain) and torch.allclose(grad_once, 2 * grad_plain)
+    calls.clear()
+    mpl_student_loss(student, views, pseudo, cfg.model_copy(update={"mask_ratio": 0.5}))
+    assert len(calls) == 2  # masked and plain views
+
+
 def test_views_mirrored_at_random_keep_image_box_and_labels_together():
     import itertools
 
