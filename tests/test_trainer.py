@@ -205,6 +205,19 @@ def test_weak_augmentation_moves_voxels_and_keeps_their_appearance():
     assert recipe.min() < 9.0  # the recipe's appearance changes would fail the range check above
 
 
+def test_weak_augmentation_scales_structures_by_the_zoom_it_is_given():
+    from trainer.augment import augment, weak_augmentation
+
+    image = np.zeros((2, 64, 64), np.float32)
+    image[:, 24:40, 24:40] = 1.0  # a centred square: flips and rotations keep its area
+    label = image.astype(np.int64)
+    for factor in (0.5, 1.5):
+        _, lab = augment(weak_augmentation(0, zoom=(factor, factor), zoom_prob=1.0), image, label)
+        assert lab.sum() / label.sum() == pytest.approx(factor**2, rel=0.1)  # in-plane only: slices kept
+    _, lab = augment(weak_augmentation(0, zoom=(0.5, 0.5), zoom_prob=0.0), image, label)
+    assert lab.sum() == label.sum()
+
+
 def test_prepared_dataset_keeps_scans_and_labels(phantom_dir, tmp_path):
     out = tmp_path / "phantoms.npz"
     labels_json = tmp_path / "labels.json"

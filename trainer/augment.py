@@ -22,6 +22,8 @@ from monai.transforms import (
 )
 from scipy.ndimage import gaussian_filter
 
+from trainer.config import RECIPE_ZOOM, RECIPE_ZOOM_PROB
+
 
 class RandomConvolutionIntensityd(RandomizableTransform, MapTransform):
     """Global intensity non-linear augmentation (GIN, Ouyang et al., MedIA 2022).
@@ -124,8 +126,11 @@ class RandLocationScaled(RandomizableTransform, MapTransform):
         return out
 
 
-def _spatial() -> list[MapTransform]:
-    """In-plane flips, 90-degree rotations (sites differ in orientation) and scaling of image and label map."""
+def _spatial(
+    zoom: tuple[float, float] = RECIPE_ZOOM, zoom_prob: float = RECIPE_ZOOM_PROB
+) -> list[MapTransform]:
+    """In-plane flips, 90-degree rotations (sites differ in orientation) and, with ``zoom_prob``, in-plane scaling
+    by a factor drawn from ``zoom``, of image and label map."""
     keys = ["image", "label"]
     return [
         RandFlipd(keys, prob=0.5, spatial_axis=1),
@@ -133,19 +138,21 @@ def _spatial() -> list[MapTransform]:
         RandRotate90d(keys, prob=0.5, max_k=3, spatial_axes=(1, 2)),
         RandZoomd(
             keys,
-            prob=0.3,
-            min_zoom=(1.0, 0.85, 0.85),
-            max_zoom=(1.0, 1.2, 1.2),
+            prob=zoom_prob,
+            min_zoom=(1.0, zoom[0], zoom[0]),
+            max_zoom=(1.0, zoom[1], zoom[1]),
             mode=("trilinear", "nearest"),
             keep_size=True,
         ),
     ]
 
 
-def weak_augmentation(seed: int = 0) -> Compose:
-    """The spatial part of :func:`training_augmentation` alone: the weak view of a scan whose labels a teacher
-    gives, which keeps its own appearance, as a scan at test time does."""
-    aug = Compose(_spatial())
+def weak_augmentation(
+    seed: int = 0, zoom: tuple[float, float] = RECIPE_ZOOM, zoom_prob: float = RECIPE_ZOOM_PROB
+) -> Compose:
+    """The spatial part of :func:`training_augmentation` alone (by default its scaling too): the weak view of a
+    scan whose labels a teacher gives, which keeps its own appearance, as a scan at test time does."""
+    aug = Compose(_spatial(zoom, zoom_prob))
     aug.set_random_state(seed)
     return aug
 

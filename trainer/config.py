@@ -12,6 +12,7 @@ from models.network_config import NetworkConfig
 from models.preprocessing import Normalisation, Spacing
 
 PRETRAIN_STEPS = 500  # the shipped masked-autoencoder pretraining length
+RECIPE_ZOOM, RECIPE_ZOOM_PROB = (0.85, 1.2), 0.3  # the recipe's in-plane scaling: factors and probability
 
 
 class TrainConfig(BaseModel):
@@ -106,3 +107,5 @@ class SemiConfig(BaseModel):
     reliable_pool: int = 10  # unlabelled scans whose pseudo-labels the student already reproduces
     reliable_hardness: float = 0.1  # 1 - student/teacher Dice below which a scan counts as reliable
     reliable_share: float = 0.5  # share of pasted scans drawn from the reliable pool once it holds any
+    zoom: tuple[float, float] = RECIPE_ZOOM  # in-plane scaling of the scans labelled and pasted
+    zoom_prob: float = RECIPE_ZOOM_PROB

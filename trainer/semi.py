@@ -240,7 +240,8 @@ class _Sampler:
         self.labelled, self.unlabelled, self.cfg, self.semi = labelled, unlabelled, cfg, semi
         self.rng = np.random.default_rng([cfg.seed, step])
         seed = int(self.rng.integers(2**31))
-        self.weak = weak_augmentation(seed)  # the teacher labels scans in their own appearance
+        # the teacher labels scans in their own appearance
+        self.weak = weak_augmentation(seed, semi.zoom, semi.zoom_prob)
         self.strong = strong_augmentation(seed + 1)
 
     def _case(self, case: TrainingCase, labelled: bool) -> tuple[np.ndarray, np.ndarray | None]:
