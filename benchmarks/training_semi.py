@@ -90,6 +90,12 @@ def main() -> None:
     parser.add_argument(
         "--semi-lr", type=float, default=None, help="peak learning rate of semi (default: the labelled run's)"
     )
+    parser.add_argument(
+        "--labelled-batch",
+        type=int,
+        default=None,
+        help="labelled slices (or patches) per semi step (default: the labelled run's batch)",
+    )
     parser.add_argument("--plan", choices=[p.value for p in Plan], default=Plan.SLICE.value)
     parser.add_argument("--config", default=None, help="JSON object of further TrainConfig fields")
     parser.add_argument("--semi-config", default=None, help="JSON object of SemiConfig fields")
@@ -173,6 +179,7 @@ def main() -> None:
             "steps": args.semi_steps,
             "val_every": max(1, min(50, args.semi_steps)),
             **({"lr": args.semi_lr} if args.semi_lr is not None else {}),
+            **({"batch_size": args.labelled_batch} if args.labelled_batch is not None else {}),
         }
     )
     semi = train_semi(
