@@ -97,7 +97,11 @@ def main() -> None:
         help="labelled slices (or patches) per semi step (default: the labelled run's batch)",
     )
     parser.add_argument("--plan", choices=[p.value for p in Plan], default=Plan.SLICE.value)
-    parser.add_argument("--config", default=None, help="JSON object of further TrainConfig fields")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="JSON object of further TrainConfig fields (with --labelled-only: of the semi step)",
+    )
     parser.add_argument("--semi-config", default=None, help="JSON object of SemiConfig fields")
     parser.add_argument("--pool-limit", type=int, default=None, help="at most N unlabelled scans per domain")
     parser.add_argument(
@@ -112,7 +116,7 @@ def main() -> None:
         type=Path,
         default=None,
         help="a labelled-only bundle of the five labelled scans to start semi from, instead of training one "
-        "(its card's recipe replaces --plan, --steps and --config)",
+        "(its card's recipe replaces --plan and --steps; --config then changes the semi step's)",
     )
     parser.add_argument("--score-limit", type=int, default=None, help="score at most N scans per domain")
     parser.add_argument("--work", type=Path, default=Path("runs/semi-benchmark"), help="checkpoints; resumes")
@@ -180,6 +184,7 @@ def main() -> None:
             "val_every": max(1, min(50, args.semi_steps)),
             **({"lr": args.semi_lr} if args.semi_lr is not None else {}),
             **({"batch_size": args.labelled_batch} if args.labelled_batch is not None else {}),
+            **(json.loads(args.config) if args.config and given else {}),
         }
     )
     semi = train_semi(

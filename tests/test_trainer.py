@@ -218,6 +218,36 @@ def test_weak_augmentation_scales_structures_by_the_zoom_it_is_given():
     assert lab.sum() == label.sum()
 
 
+def test_radial_contraction_shrinks_the_centre_structure_and_thickens_its_wall():
+    from pydantic import ValidationError
+
+    from trainer.augment import RandRadialContractiond, augment, training_augmentation
+
+    yy, xx = np.indices((64, 64))
+    r = np.hypot(yy - 30, xx - 34)
+    plane = np.where(r < 10, 3, np.where(r < 16, 2, 0))  # a cavity (3) in a ring of wall (2)
+    label = np.stack([plane, plane, np.zeros_like(plane)])  # the last slice holds no cavity
+    image = label.astype(np.float32)
+    contract = RandRadialContractiond(["image", "label"], 3, prob=1.0, power=(0.7, 0.7))
+    out = contract({"image": image[None], "label": label[None].astype(np.float32)})
+    lab = np.asarray(out["label"][0]).round().astype(np.int64)
+    cavity = (lab[:2] == 3).sum() / (label[:2] == 3).sum()
+    # R = 1.3 x 16; the cavity's radius 10 goes to R (10 / R) ** (1 / 0.7): about half its area
+    assert cavity == pytest.approx((10 / 20.8) ** (2 / 0.7 - 2), rel=0.1)
+    # the wall keeps its area on a smaller circle, so it thickens
+    assert (lab[:2] == 2).sum() / (label[:2] == 2).sum() == pytest.approx(1.0, abs=0.1)
+    assert (lab[:2] > 0).sum() < (label[:2] > 0).sum()
+    np.testing.assert_array_equal(lab[2], label[2])
+    moved = np.asarray(out["image"][0])  # the image (interpolated linearly) moves with its labels
+    assert (moved > 2.5).sum() == pytest.approx((lab == 3).sum(), rel=0.1)
+    # switched off, the recipe's transforms draw what they drew without it
+    plain = augment(training_augmentation(3, location_scale_prob=0.5), image, label)[0]
+    off = augment(training_augmentation(3, location_scale_prob=0.5, contraction_label=3), image, label)[0]
+    np.testing.assert_array_equal(plain, off)
+    with pytest.raises(ValidationError, match="contraction_label"):
+        TrainConfig(contraction_prob=0.5)
+
+
 def test_prepared_dataset_keeps_scans_and_labels(phantom_dir, tmp_path):
     out = tmp_path / "phantoms.npz"
     labels_json = tmp_path / "labels.json"

@@ -20,7 +20,7 @@ from monai.transforms import (
     RandShiftIntensityd,
     RandZoomd,
 )
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import gaussian_filter, map_coordinates
 
 from trainer.config import RECIPE_ZOOM, RECIPE_ZOOM_PROB
 
@@ -126,6 +126,57 @@ class RandLocationScaled(RandomizableTransform, MapTransform):
         return out
 
 
+class RandRadialContractiond(RandomizableTransform, MapTransform):
+    """Contraction of the structures around one of them, slice by slice: a heart drawn towards end-systole.
+
+    In every slice that holds ``centre_label``, the point at distance ``r`` from that structure's centroid shows
+    what lay at ``R (r / R) ** p`` (``p`` drawn once per scan from ``power``, below one), where ``R`` is ``reach``
+    times the distance of the farthest labelled voxel; beyond ``R`` nothing moves. The centre structure shrinks
+    most and the ones around it thicken, as a ventricle's cavity and wall do in systole; a scan whose labelled
+    phases are all end-diastolic otherwise never shows its network a contracted heart.
+    """
+
+    def __init__(
+        self,
+        keys,
+        centre_label: int,
+        label_key: str = "label",
+        prob: float = 0.0,
+        power: tuple[float, float] = (0.6, 0.9),
+        reach: float = 1.3,
+    ) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.centre_label, self.label_key, self.power, self.reach = centre_label, label_key, power, reach
+
+    def __call__(self, data: dict) -> dict:
+        self.randomize(None)
+        if not self._do_transform or self.label_key not in data:
+            return data
+        p = float(self.R.uniform(*self.power))
+        labels = np.asarray(data[self.label_key])[0]
+        out = dict(data)
+        arrays = {k: np.array(out[k], dtype=np.float32) for k in self.key_iterator(out)}
+        yy, xx = np.indices(labels.shape[1:], dtype=np.float64)
+        for z, plane in enumerate(labels):
+            centre = np.argwhere(plane == self.centre_label)
+            if not len(centre):
+                continue
+            cy, cx = centre.mean(axis=0)
+            dy, dx = yy - cy, xx - cx
+            r = np.hypot(dy, dx)
+            radius = self.reach * float(r[plane > 0].max())
+            scale = np.ones_like(r)
+            inside = (r > 0) & (r < radius)
+            scale[inside] = (r[inside] / radius) ** (p - 1.0)
+            coords = np.stack([cy + dy * scale, cx + dx * scale])
+            for key, array in arrays.items():
+                order = 0 if key == self.label_key else 1
+                array[0, z] = map_coordinates(array[0, z], coords, order=order, mode="nearest")
+        out.update(arrays)
+        return out
+
+
 def _spatial(
     zoom: tuple[float, float] = RECIPE_ZOOM, zoom_prob: float = RECIPE_ZOOM_PROB
 ) -> list[MapTransform]:
@@ -163,14 +214,19 @@ def training_augmentation(
     histogram_shift_prob: float = 0.0,
     location_scale_prob: float = 0.0,
     n_classes: int = 4,
+    contraction_prob: float = 0.0,
+    contraction_label: int = 0,
 ) -> Compose:
     """In-plane flips and 90-degree rotations (sites differ in orientation), scaling, gamma, noise, bias field;
-    with the given probabilities, random-convolution remapping, random monotonic histogram curves and global or
-    per-structure location-scale remapping."""
+    with the given probabilities, radial contraction around ``contraction_label``, random-convolution remapping,
+    random monotonic histogram curves and global or per-structure location-scale remapping."""
     img = ["image"]
+    # contraction only when asked for, so that the other transforms' random streams stay the recipe's
+    contraction = [RandRadialContractiond(["image", "label"], contraction_label, prob=contraction_prob)]
     aug = Compose(
         [
             *_spatial(),
+            *(contraction if contraction_prob > 0 else []),
             RandLocationScaled(img, prob=location_scale_prob, n_classes=n_classes),
             RandomConvolutionIntensityd(img, prob=random_convolution_prob),
             RandHistogramShiftd(img, num_control_points=(4, 12), prob=histogram_shift_prob),

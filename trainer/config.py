@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import BaseModel
+from pydantic import BaseModel, model_validator
 
 from models.mpl_config import MplConfig
 from models.network_config import NetworkConfig
@@ -43,8 +43,16 @@ class TrainConfig(BaseModel):
     random_convolution_prob: float = 0.8
     histogram_shift_prob: float = 0.0
     location_scale_prob: float = 0.5
+    contraction_prob: float = 0.0  # labelled scans contracted, slice by slice, around ...
+    contraction_label: int = 0  # ... this structure (RandRadialContractiond); 0: none
     seed: int = 0
     workers: int = 0
+
+    @model_validator(mode="after")
+    def _contraction_has_a_centre(self) -> TrainConfig:
+        if self.contraction_prob > 0 and self.contraction_label < 1:
+            raise ValueError("contraction_prob needs contraction_label, the structure to contract around")
+        return self
 
 
 class Plan(StrEnum):

@@ -80,8 +80,8 @@ def resume_checkpoint(path: Path, net: torch.nn.Module, opt: torch.optim.Optimiz
 
 
 def recipe_augmentation(cfg: TrainConfig, seed: int, cases: Sequence[TrainingCase]) -> Compose:
-    """The augmentation of labelled scans that ``cfg`` names (random convolution, histogram curves,
-    location-scale), for the structures that the label maps of ``cases`` hold."""
+    """The augmentation of labelled scans that ``cfg`` names (radial contraction, random convolution, histogram
+    curves, location-scale), for the structures that the label maps of ``cases`` hold."""
     labelled = [c.labels for c in cases if c.labels is not None]
     return training_augmentation(
         seed,
@@ -89,6 +89,8 @@ def recipe_augmentation(cfg: TrainConfig, seed: int, cases: Sequence[TrainingCas
         cfg.histogram_shift_prob,
         cfg.location_scale_prob,
         n_classes=max((int(lab.max()) + 1 for lab in labelled), default=1),
+        contraction_prob=cfg.contraction_prob,
+        contraction_label=cfg.contraction_label,
     )
 
 
