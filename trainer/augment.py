@@ -222,11 +222,15 @@ def training_augmentation(
     random monotonic histogram curves and global or per-structure location-scale remapping."""
     img = ["image"]
     # contraction only when asked for, so that the other transforms' random streams stay the recipe's
-    contraction = [RandRadialContractiond(["image", "label"], contraction_label, prob=contraction_prob)]
+    contraction = (
+        [RandRadialContractiond(["image", "label"], contraction_label, prob=contraction_prob)]
+        if contraction_prob > 0
+        else []
+    )
     aug = Compose(
         [
             *_spatial(),
-            *(contraction if contraction_prob > 0 else []),
+            *contraction,
             RandLocationScaled(img, prob=location_scale_prob, n_classes=n_classes),
             RandomConvolutionIntensityd(img, prob=random_convolution_prob),
             RandHistogramShiftd(img, num_control_points=(4, 12), prob=histogram_shift_prob),
