@@ -27,7 +27,11 @@ from trainer.train import TrainRun
 
 # the phantoms' scanner, its noisy scanner, and a noisier one still
 DOMAINS = ("none", "noise", "noisier")
-FAST = SemiConfig(mpl={"ema": 0.9, "mask_block": (2, 8, 8), "student_sees_unmasked": False}, rampup=0.0)
+FAST = SemiConfig(
+    mpl={"ema": 0.9, "mask_block": (2, 8, 8), "student_sees_unmasked": False},
+    unlabelled_weight=1.0,
+    rampup=0.0,
+)
 
 
 def _scan(seed: int, domain: str, labelled: bool = True) -> TrainingCase:
