@@ -6,9 +6,10 @@ import json
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -16,7 +17,7 @@ from rich.table import Table
 from cli.progress import ProgressReport
 from models.postprocessing import LargestComponent
 from models.terms import Method, Phase, TrainMode
-from trainer.config import PLANS, PRETRAIN_STEPS, FederatedConfig, Plan, TrainConfig, UdaConfig
+from trainer.config import PLANS, PRETRAIN_STEPS, FederatedConfig, Plan, SemiConfig, TrainConfig, UdaConfig
 
 if TYPE_CHECKING:
     from models.bundle import ModelCard
@@ -34,6 +35,7 @@ PlanOption = Annotated[
     ),
 ]
 UDA, FEDERATED = UdaConfig(), FederatedConfig()
+SettingsT = TypeVar("SettingsT", bound=BaseModel)
 
 Bundles = Annotated[
     Path | None,
@@ -154,12 +156,12 @@ def evaluate(
         json_out.write_text(json.dumps(result, indent=2))
 
 
-def _train_config(options: dict, overrides: str | None) -> TrainConfig:
-    """Training settings from the command's options and a JSON object of further fields; a bad field exits 2."""
+def _settings(model: type[SettingsT], options: dict, overrides: str | None, option: str) -> SettingsT:
+    """Settings from the command's options and a JSON object of further fields; a bad field exits 2."""
     try:
-        return TrainConfig.model_validate({**options, **(json.loads(overrides) if overrides else {})})
+        return model.model_validate({**options, **(json.loads(overrides) if overrides else {})})
     except (ValueError, TypeError) as exc:
-        raise typer.BadParameter(f"--config: {exc}") from exc
+        raise typer.BadParameter(f"{option}: {exc}") from exc
 
 
 @app.command()
@@ -183,7 +185,7 @@ def prepare(
     from trainer.data import load_cases, save_prepared
 
     names = _labels_file(label_names) if label_names else None
-    grid = _train_config(PLANS[plan], config)
+    grid = _settings(TrainConfig, PLANS[plan], config, "--config")
     cases = load_cases(images, labels, names, grid.target_spacing, grid.normalisation)
     console.print(
         f"wrote {save_prepared(cases, out, grid.target_spacing, grid.normalisation)} ({len(cases)} scans)"
@@ -265,6 +267,13 @@ def train(
         list[Path] | None,
         typer.Option(help="semi: unlabelled scans of any domains (folder or .npz; repeatable)"),
     ] = None,
+    semi_config: Annotated[
+        str | None,
+        typer.Option(
+            help="semi: JSON object of trainer.config.SemiConfig fields (unlabelled weight and batch, ramp, "
+            "pseudo-label settings)"
+        ),
+    ] = None,
     pretrain_steps: Annotated[
         int, typer.Option(help="uda: masked-autoencoder steps on source + target (0 with --pretrained)")
     ] = UDA.pretrain_steps,
@@ -302,12 +311,15 @@ def train(
         "histogram_shift_prob": histogram_shift,
         "workers": workers,
     }
-    cfg = _train_config(options, config)
+    cfg = _settings(TrainConfig, options, config, "--config")
     names = _labels_file(label_names)
     if mode in (TrainMode.UDA, TrainMode.FEDERATED) and not target_images:
         raise _fail(ValueError(f"--mode {mode} needs --target-images"))
     if (mode is TrainMode.SEMI) != bool(unlabelled):
         raise _fail(ValueError("--unlabelled goes with --mode semi, and --mode semi needs it"))
+    if semi_config and mode is not TrainMode.SEMI:
+        raise _fail(ValueError("--semi-config goes with --mode semi"))
+    semi = _settings(SemiConfig, {}, semi_config, "--semi-config")
     try:
         run = TrainRun(
             work_dir=work,
@@ -349,7 +361,7 @@ def train(
             grid = (cfg.target_spacing, cfg.normalisation)
             pool = [c for d in unlabelled for c in load_cases(d, None, None, *grid)]
             run = replace(run, summary={**run.summary, "unlabelled": [str(d) for d in unlabelled]})
-            bundle = train_semi(train_cases, pool, held, names, run, cfg, progress=progress)
+            bundle = train_semi(train_cases, pool, held, names, run, cfg, semi, progress=progress)
         else:
             bundle = train_source(train_cases, held, names, run, cfg, progress=progress)
     validation = bundle.card.validation

@@ -135,18 +135,33 @@ def test_train_command_gives_semi_the_unlabelled_pool(phantom_dir, tmp_path, mon
     assert result.exit_code == 2 and "--unlabelled" in result.output
     calls = []
 
-    def recorded(labelled, unlabelled, val_cases, labels, run, cfg, **kwargs):
-        calls.append((labelled, unlabelled, val_cases, run))
+    def recorded(labelled, unlabelled, val_cases, labels, run, cfg, semi, **kwargs):
+        calls.append((labelled, unlabelled, val_cases, run, semi))
         return SimpleNamespace(card=SimpleNamespace(validation={}, training={"weights": "last"}))
 
     monkeypatch.setattr(trainer.semi, "train_semi", recorded)
     pool = [str(phantom_dir / "images"), "--unlabelled", str(phantom_dir / "images")]
     result = CliRunner().invoke(app, [*base, "--mode", "semi", "--unlabelled", *pool])
     assert result.exit_code == 0, result.output
-    [(labelled, unlabelled, val_cases, run)] = calls
+    [(labelled, unlabelled, val_cases, run, semi)] = calls
     assert len(labelled) == 6 and len(val_cases) == 2 and len(unlabelled) == 16
     assert all(c.labels is None for c in unlabelled) and all(c.labels is not None for c in labelled)
     assert run.summary["unlabelled"] == [str(phantom_dir / "images")] * 2
+    assert semi == SemiConfig()
+
+    settings = '{"unlabelled_weight": 0.3, "mpl": {"confidence": 0.9}}'
+    result = CliRunner().invoke(
+        app, [*base, "--mode", "semi", "--unlabelled", *pool, "--semi-config", settings]
+    )
+    assert result.exit_code == 0, result.output
+    semi = calls[-1][-1]
+    assert semi.unlabelled_weight == 0.3 and semi.mpl.confidence == 0.9 and semi.rampup == SemiConfig().rampup
+    for args in (["--mode", "semi", "--unlabelled", *pool, "--semi-config", '{"unlabelled_weight": "x"}'],
+                 ["--mode", "semi", "--unlabelled", *pool, "--semi-config", "{"],
+                 ["--semi-config", "{}"]):  # fmt: skip
+        result = CliRunner().invoke(app, [*base, *args])
+        assert result.exit_code == 2 and "--semi-config" in result.output, result.output
+    assert len(calls) == 2
 
 
 def test_intermediate_scans_keep_grid_anatomy_and_alignment():
