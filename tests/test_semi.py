@@ -158,6 +158,8 @@ def test_train_command_gives_semi_the_unlabelled_pool(phantom_dir, tmp_path, mon
     assert semi.unlabelled_weight == 0.3 and semi.mpl.confidence == 0.9 and semi.rampup == SemiConfig().rampup
     for args in (["--mode", "semi", "--unlabelled", *pool, "--semi-config", '{"unlabelled_weight": "x"}'],
                  ["--mode", "semi", "--unlabelled", *pool, "--semi-config", "{"],
+                 ["--mode", "semi", "--unlabelled", *pool, "--semi-config", '{"unlabelled_batch_size": 0}'],
+                 ["--mode", "semi", "--unlabelled", *pool, "--semi-config", '{"rampup": 2}'],
                  ["--semi-config", "{}"]):  # fmt: skip
         result = CliRunner().invoke(app, [*base, *args])
         assert result.exit_code == 2 and "--semi-config" in result.output, result.output

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from models.mpl_config import MplConfig
 from models.network_config import NetworkConfig
@@ -108,14 +108,20 @@ class SemiConfig(BaseModel):
 
     # unmasked views (the masked one is then a second plain view): 1 point above 70% block masks on the cardiac data
     mpl: MplConfig = MplConfig(ema=0.99, mask_ratio=0.0)
-    unlabelled_batch_size: int = 2  # unlabelled scans a step (the labelled batch is TrainConfig's batch_size)
-    unlabelled_weight: float = 0.1  # copy-paste terms' weight once ramped up (symmetric guidance: squared)
-    rampup: float = 0.5  # share of the steps over which the unlabelled weight rises (sigmoid ramp)
+    # unlabelled scans a step (the labelled batch is TrainConfig's batch_size)
+    unlabelled_batch_size: int = Field(2, ge=1)
+    # copy-paste terms' weight once ramped up (symmetric guidance: squared)
+    unlabelled_weight: float = Field(0.1, ge=0)
+    # share of the steps over which the unlabelled weight rises (sigmoid ramp)
+    rampup: float = Field(0.5, ge=0, le=1)
     amplitude_band: float = 0.01  # half-width of the low-frequency window, as a share of each axis
     box_area: tuple[float, float] = (0.02, 0.4)  # share of a slice the pasted box covers
     box_aspect: tuple[float, float] = (0.3, 1 / 0.3)
-    reliable_pool: int = 10  # unlabelled scans whose pseudo-labels the student already reproduces
-    reliable_hardness: float = 0.1  # 1 - student/teacher Dice below which a scan counts as reliable
-    reliable_share: float = 0.5  # share of pasted scans drawn from the reliable pool once it holds any
+    # unlabelled scans whose pseudo-labels the student already reproduces
+    reliable_pool: int = Field(10, ge=0)
+    # 1 - student/teacher Dice below which a scan counts as reliable
+    reliable_hardness: float = Field(0.1, ge=0, le=1)
+    # share of pasted scans drawn from the reliable pool once it holds any
+    reliable_share: float = Field(0.5, ge=0, le=1)
     zoom: tuple[float, float] = RECIPE_ZOOM  # in-plane scaling of the scans labelled and pasted
-    zoom_prob: float = RECIPE_ZOOM_PROB
+    zoom_prob: float = Field(RECIPE_ZOOM_PROB, ge=0, le=1)
